@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each installs first if needed.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install run test test-fast bench ui clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency pins change (idempotent).
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on the embedded default: synthetic Criteo data generated on first use.
+run: $(STAMP)
+	$(BIN)/deeplight run-local
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
+
+clean:
+	rm -rf $(VENV) data out bench/out .pytest_cache
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
