@@ -100,6 +100,7 @@ class DatasetSchema:
     header: bool
     columns: tuple[Column, ...]
     description: str = ""
+    click_rate: float = 0.2  # typical share of clicks; the synthetic generator's default
     _by_name: dict[str, Column] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +157,7 @@ CRITEO = DatasetSchema(
     delimiter="\t",
     header=False,
     description="Criteo Kaggle display advertising (train.txt): label, I1..I13, C1..C26, tab-separated",
+    click_rate=0.22,
     columns=(
         Column("label", "label"),
         *(Column(f"I{i + 1}", "int", missing=m) for i, m in enumerate(_CRITEO_INT_MISSING)),
@@ -169,6 +171,7 @@ AVAZU = DatasetSchema(
     delimiter=",",
     header=True,
     description="Avazu CTR (train.csv): id, click, hour (YYMMDDHH), 21 categorical columns, comma-separated",
+    click_rate=0.17,
     columns=(
         Column("id", "id"),
         Column("click", "label"),
