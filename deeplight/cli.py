@@ -33,7 +33,7 @@ def _print_json(obj: object) -> None:
 def cmd_synth(a: argparse.Namespace) -> None:
     from deeplight.synth import synthesize
 
-    _print_json(synthesize(a.dataset, rows=a.rows, seed=a.seed, out=a.out))
+    _print_json(synthesize(a.dataset, rows=a.rows, seed=a.seed, out=a.out, truth_path=a.truth))
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
@@ -64,8 +64,36 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = Config().replace(**{
         "model.kind": a.model, "train.epochs": a.epochs, "train.seed": a.seed, "train.batch_size": a.batch_size,
         "train.lr": a.lr, "train.patience": a.patience, "train.threads": a.threads,
+        "train.checkpoint_every": a.checkpoint_every,
     })
-    _print_json(train(a.data, a.out, cfg, track=not a.no_mlflow))
+    result = train(a.data, a.out, cfg, tracker=_tracker(a))
+    _print_json({k: v for k, v in result.items() if k != "history"})
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from deeplight.prune import config_of, prune
+
+    cfg = config_of(a.dense).replace(**{
+        "prune.dnn": a.dnn, "prune.field": a.field, "prune.embedding": a.embedding, "prune.mode": a.mode,
+        "prune.ramp_epochs": a.ramp_epochs, "prune.finetune_epochs": a.finetune_epochs, "train.seed": a.seed,
+        "train.batch_size": a.batch_size, "train.threads": a.threads,
+    })
+    result = prune(a.dense, a.data, a.out, cfg, tracker=_tracker(a))
+    _print_json({k: v for k, v in result.items() if k != "history"})
+
+
+def cmd_run_local(a: argparse.Namespace) -> None:
+    from deeplight.local_run import run_local
+
+    run_local(rows=a.rows, seed=a.seed, epochs=a.epochs, track=not a.no_mlflow)
+
+
+def _tracker(a: argparse.Namespace):
+    if a.no_mlflow:
+        return None
+    from deeplight.tracking import MlflowTracker
+
+    return MlflowTracker()
 
 
 # --- parser ---------------------------------------------------------------------------------------------
@@ -84,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rows", type=int, required=True)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="raw file to write (.gz compresses); truth at OUT.truth.json")
+    sp.add_argument("--truth", help="truth JSON path (default OUT.truth.json)")
 
     sp = add("ingest", cmd_ingest, "raw TSV/CSV (plain, .gz, s3://) to typed Parquet splits, bad rows quarantined")
     sp.add_argument("--dataset", default="criteo", help="schema name: criteo | avazu")
@@ -117,7 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float)
     sp.add_argument("--patience", type=int)
     sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sp.add_argument("--checkpoint-every", type=int, help="batches between resume checkpoints (default 500)")
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+    sp = add("prune", cmd_prune, "prune a trained dense model to target sparsities (DeepLight), then fine-tune")
+    sp.add_argument("--dense", required=True, help="dense checkpoint (best.pt written by `deeplight train`)")
+    sp.add_argument("--data", required=True, help="the hashed dataset the dense model was trained on")
+    sp.add_argument("--out", required=True, help="checkpoints and results; an existing run here is resumed")
+    sp.add_argument("--dnn", type=float, help="DNN sparsity target (default 0.9)")
+    sp.add_argument("--field", type=float, help="field-pair (R) sparsity target (default 0.9)")
+    sp.add_argument("--embedding", type=float, help="embedding sparsity target (default 0.4)")
+    sp.add_argument("--mode", choices=["unstructured", "structured"])
+    sp.add_argument("--ramp-epochs", type=float, help="epochs over which sparsity ramps up (default 2)")
+    sp.add_argument("--finetune-epochs", type=int, help="epochs at full sparsity after the ramp (default 2)")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--threads", type=int)
+    sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+    sp = add("run-local", cmd_run_local, "the whole job on synthetic Criteo data, tracked in ./mlruns (make run)")
+    sp.add_argument("--rows", type=int, default=300_000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--epochs", type=int, default=4, help="dense training epochs")
+    sp.add_argument("--no-mlflow", action="store_true")
     return p
 
 

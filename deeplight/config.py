@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 262_144  # rows shuffled together; bounds memory
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    checkpoint_every: int = 500  # batches between mid-epoch resume checkpoints (0: only at epoch ends)
 
 
 @dataclass(frozen=True)

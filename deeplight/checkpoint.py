@@ -1,0 +1,41 @@
+"""Checkpoints: plain tensors and Python scalars only, written atomically, read with `weights_only=True`.
+
+A model file can therefore never run code when loaded (no pickled classes), and a run killed during a write
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deeplight.errors import DeeplightError
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:  # durable before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise DeeplightError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unsafe or corrupt file: refuse with the reason, never fall back to pickle
+        raise DeeplightError(f"{path}: not a loadable deeplight checkpoint ({e.__class__.__name__}: {e})") from None

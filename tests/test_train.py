@@ -1,0 +1,151 @@
+"""Training: learns, deterministic, resumes after kill -9 with identical metrics, safe checkpoints, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeplight import checkpoint
+from deeplight.config import Config
+from deeplight.data import SplitLoader
+from deeplight.errors import DeeplightError
+from deeplight.train import train
+
+from conftest import write_hashed_dataset
+
+SMALL = {"model.dnn": (32, 32), "train.batch_size": 256, "train.epochs": 3, "train.threads": 1,
+         "train.checkpoint_every": 7}
+
+
+def without_speed(history: list[dict]) -> list[dict]:
+    """Epoch history minus the wall-clock throughput, which legitimately differs between runs."""
+    return [{k: v for k, v in h.items() if k != "samples_per_s"} for h in history]
+
+
+def small_cfg(**over) -> Config:
+    return Config().replace(**{**SMALL, **over})
+
+
+def test_loader_streams_every_row_once_and_shuffles_by_epoch(toy_hashed: Path):
+    loader = SplitLoader(toy_hashed, "train", batch_size=1000, shuffle=True, seed=3, buffer_rows=4000,
+                         read_rows=1500)
+    seen = [ids for ids, _ in loader.epoch(0)]
+    flat0 = torch.cat(seen)
+    assert len(flat0) == loader.rows == 14_000
+    plain = torch.cat([ids for ids, _ in SplitLoader(toy_hashed, "train", batch_size=1000).epoch(0)])
+    # Same multiset of rows, different order; the order is a function of (seed, epoch) only.
+    assert sorted(map(tuple, flat0.tolist())) == sorted(map(tuple, plain.tolist()))
+    assert not torch.equal(flat0, plain)
+    assert torch.equal(flat0, torch.cat([ids for ids, _ in loader.epoch(0)]))
+    assert not torch.equal(flat0, torch.cat([ids for ids, _ in loader.epoch(1)]))
+    skipped = torch.cat([ids for ids, _ in loader.epoch(0, skip_batches=4)])
+    assert torch.equal(skipped, flat0[4000:])
+
+
+def test_fwfm_learns_and_reports_test_only_at_the_end(toy_hashed: Path, tmp_path: Path):
+    result = train(toy_hashed, tmp_path / "out", small_cfg(**{"model.kind": "fwfm"}))
+    assert result["valid"]["auc"] > 0.7
+    assert set(result["test"]) >= {"auc", "logloss", "rows", "mean_pred", "observed_ctr"}
+    assert result["test"]["rows"] == 3000
+    assert all("test_auc" not in h for h in result["history"])  # selection never saw the test split
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["best_epoch"] == result["best_epoch"]
+    assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_deepfwfm_beats_lr_on_planted_interaction(toy_hashed: Path, tmp_path: Path):
+    deep = train(toy_hashed, tmp_path / "deep", small_cfg())
+    lr = train(toy_hashed, tmp_path / "lr", small_cfg(**{"model.kind": "lr"}))
+    assert deep["test"]["auc"] > lr["test"]["auc"] + 0.01
+
+
+def test_training_is_deterministic(toy_hashed: Path, tmp_path: Path):
+    a = train(toy_hashed, tmp_path / "a", small_cfg(**{"train.epochs": 2}))
+    b = train(toy_hashed, tmp_path / "b", small_cfg(**{"train.epochs": 2}))
+    assert without_speed(a["history"]) == without_speed(b["history"])
+    assert a["valid"] == b["valid"] and a["test"] == b["test"]
+
+
+def _run_train_cli(data: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "deeplight.cli", "train", "--data", str(data), "--out", str(out), "--no-mlflow",
+           "--epochs", "3", "--batch-size", "64", "--checkpoint-every", "5", "--threads", "1", "--model", "fwfm"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+
+
+def test_resume_after_kill_gives_identical_metrics(tmp_path: Path):
+    data = write_hashed_dataset(tmp_path / "hashed", rows=40_000)
+    reference = _run_train_cli(data, tmp_path / "ref")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+
+    out = tmp_path / "killed"
+    kills = 0
+    for wait_for_step in (12, 500):  # once mid-epoch 1, once in a later epoch
+        proc = _run_train_cli(data, out)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "last.pt").exists():
+                try:
+                    step = checkpoint.load(out / "last.pt")["progress"]["step"]
+                except DeeplightError:
+                    step = -1  # caught between write and rename is impossible; a partial file is never visible
+                if step >= wait_for_step:
+                    break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    resumed = _run_train_cli(data, out)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    got = json.loads((out / "results.json").read_text())
+    assert got["valid"] == ref["valid"]
+    assert got["test"] == ref["test"]
+    assert got["best_epoch"] == ref["best_epoch"]
+    assert without_speed(got["history"]) == without_speed(ref["history"])
+
+
+def test_checkpoints_load_without_running_code(toy_hashed: Path, tmp_path: Path):
+    train(toy_hashed, tmp_path / "out", small_cfg(**{"train.epochs": 1}))
+    best = checkpoint.load(tmp_path / "out" / "best.pt")
+    assert best["spec"]["kind"] == "deepfwfm"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(DeeplightError, match="evil.pt"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_inputs_fail_clearly(toy_hashed: Path, tmp_path: Path):
+    with pytest.raises(DeeplightError, match="not a hashed dataset"):
+        train(tmp_path / "nothing", tmp_path / "o1", small_cfg())
+    broken = write_hashed_dataset(tmp_path / "broken")
+    for f in (broken / "valid").iterdir():
+        f.unlink()
+    (broken / "valid").rmdir()
+    with pytest.raises(DeeplightError, match="missing split 'valid'"):
+        train(broken, tmp_path / "o2", small_cfg())
+    mismatch = write_hashed_dataset(tmp_path / "mismatch")
+    manifest = json.loads((mismatch / "manifest.json").read_text())
+    manifest["field_names"][2] = "C99"
+    (mismatch / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeeplightError, match="C99"):
+        train(mismatch, tmp_path / "o3", small_cfg())
+    train(toy_hashed, tmp_path / "o4", small_cfg(**{"train.epochs": 1}))
+    with pytest.raises(DeeplightError, match="different config"):
+        train(toy_hashed, tmp_path / "o4", small_cfg(**{"train.epochs": 1, "train.lr": 0.01}))
