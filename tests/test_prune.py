@@ -1,0 +1,120 @@
+"""Pruning: the damped schedule, persistent masks, achieved sparsity, planted pairs kept, round trip, bad targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deeplight import checkpoint
+from deeplight.config import Config
+from deeplight.errors import DeeplightError
+from deeplight.model import DeepFwFM
+from deeplight.prune import Pruner, Targets, damped_sparsity, prune, sparsity
+from deeplight.train import train
+
+from conftest import write_hashed_dataset
+
+BASE = {"model.dnn": (64, 64), "train.batch_size": 256, "train.epochs": 2, "train.threads": 1}
+
+
+def test_damped_schedule_follows_the_paper_and_reaches_the_target():
+    assert damped_sparsity(0.9, 0, 100) == 0
+    assert damped_sparsity(0.9, 100, 100) == pytest.approx(0.9 * 0.01)
+    assert damped_sparsity(0.9, 45_820, 100) == pytest.approx(0.9 * 0.99, rel=1e-3)
+    model = DeepFwFM([5] * 4, dnn=(8,))
+    pruner = Pruner(model, Targets(dnn=0.8, field=0.5), ramp_steps=200)
+    levels = [pruner.level(t)["dnn"] for t in range(0, 260, 10)]
+    assert levels == sorted(levels) and levels[0] == 0
+    assert pruner.level(199)["dnn"] == pytest.approx(0.8 * 0.99, rel=2e-3)
+    assert pruner.level(200) == {"dnn": 0.8, "field": 0.5}
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "structured"])
+def test_masks_stay_exactly_zero_through_many_adam_steps(mode: str):
+    torch.manual_seed(0)
+    model = DeepFwFM([20] * 6, dnn=(32, 32))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    pruner = Pruner(model, Targets(dnn=0.7, field=0.6, embedding=0.5), mode=mode, ramp_steps=20, mask_every=5)
+    pruner.attach(opt)
+    for step in range(1, 301):
+        ids = torch.randint(0, 20, (64, 6))
+        loss = F.binary_cross_entropy_with_logits(model(ids), torch.randint(0, 2, (64,)).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.after_step(model, step)
+        if step >= 20 and step % 10 == 0:
+            for name, p in pruner.params.items():
+                assert (p[~pruner.masks[name]] == 0).all(), (name, step)
+    # Nothing pruned at the end of the ramp came back during the 280 steps after it.
+    got = sparsity(model, mode)
+    assert got["field"] == pytest.approx(0.6, abs=0.05)
+    assert got["dnn"] == pytest.approx(0.7, abs=0.02)
+    assert got["embedding"] == pytest.approx(0.5, abs=0.01)
+    if mode == "structured":
+        assert got["embedding_rows"] == pytest.approx(0.5, abs=0.01)
+        assert got["dnn_weights"] > 0.7
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prune")
+    data = write_hashed_dataset(root / "hashed", rows=30_000, field_sizes=(40, 30, 20, 20, 10, 10, 8, 6),
+                                planted=((0, 1), (2, 5), (3, 7)))
+    train(data, root / "dense", Config().replace(**BASE))
+    return data, root / "dense" / "best.pt"
+
+
+@pytest.mark.parametrize("mode,targets", [
+    ("unstructured", {"prune.dnn": 0.9, "prune.field": 0.75, "prune.embedding": 0.4}),
+    ("structured", {"prune.dnn": 0.75, "prune.field": 0.5, "prune.embedding": 0.3}),
+])
+def test_prune_reaches_targets_and_round_trips(dense, tmp_path: Path, mode: str, targets: dict):
+    data, dense_ckpt = dense
+    cfg = Config().replace(**BASE, **targets, **{"prune.mode": mode, "prune.ramp_epochs": 1.0,
+                                                   "prune.finetune_epochs": 1})
+    result = prune(dense_ckpt, data, tmp_path / "pruned", cfg)
+    achieved = result["pruning"]["sparsity"]
+    # Whole units make the achievable grid coarse: 28 pairs, 64 neurons per layer.
+    assert achieved["dnn"] == pytest.approx(targets["prune.dnn"], abs=0.005 if mode == "unstructured" else 0.01)
+    assert achieved["field"] == pytest.approx(targets["prune.field"], abs=1 / 28)
+    assert achieved["embedding"] == pytest.approx(targets["prune.embedding"], abs=0.005)
+    assert len(result["pruning"]["kept_pairs"]) == round(28 * (1 - targets["prune.field"]))
+    assert result["valid"]["auc"] > result["dense_valid"]["auc"] - 0.03
+    assert result["pruning"]["nonzero"]["total"] < result["pruning"]["params"]["total"]
+    ck = checkpoint.load(tmp_path / "pruned" / "best.pt")
+    reloaded = DeepFwFM.from_spec(ck["spec"])
+    reloaded.load_state_dict(ck["model"])
+    assert sparsity(reloaded, mode) == achieved
+    ids = torch.randint(0, 6, (50, 8))
+    model = DeepFwFM.from_spec(ck["spec"])
+    model.load_state_dict(torch.load(tmp_path / "pruned" / "best.pt", weights_only=True)["model"])
+    assert torch.equal(reloaded.eval()(ids), model.eval()(ids))
+
+
+def test_pruning_r_keeps_the_planted_pairs(dense, tmp_path: Path):
+    data, dense_ckpt = dense
+    # Keep twice the number of planted pairs (6 of 28).
+    cfg = Config().replace(**BASE, **{"prune.dnn": 0.0, "prune.embedding": 0.0, "prune.field": 1 - 6 / 28,
+                                      "prune.ramp_epochs": 1.0, "prune.finetune_epochs": 1})
+    result = prune(dense_ckpt, data, tmp_path / "pairs", cfg)
+    kept = {(p["i"], p["j"]) for p in result["pruning"]["kept_pairs"]}
+    assert len(kept) == 6
+    assert {(0, 1), (2, 5), (3, 7)} <= kept
+    assert result["pruning"]["kept_pairs"][0]["pair"] in {"f0 x f1", "f2 x f5", "f3 x f7"}
+
+
+def test_bad_targets_fail_clearly():
+    with pytest.raises(DeeplightError, match="dnn=-0.1"):
+        Targets(dnn=-0.1)
+    with pytest.raises(DeeplightError, match=r"field=1\.0"):
+        Targets(field=1.0)
+    with pytest.raises(DeeplightError, match="unknown pruning component.*'bias'"):
+        Targets.from_dict({"bias": 0.5})
+    with pytest.raises(DeeplightError, match="unknown pruning mode"):
+        Pruner(DeepFwFM([3, 3]), Targets(field=0.5), mode="random")
+    with pytest.raises(DeeplightError, match="no DNN"):
+        Pruner(DeepFwFM([3, 3], kind="fwfm"), Targets(dnn=0.5))
