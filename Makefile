@@ -5,14 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test test-fast bench ui clean
+IMAGE ?= deeplight:local
+
+.PHONY: install run test bench ui clean image
 
 install: $(STAMP)
 
 # Re-install only when the dependency pins change (idempotent).
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # The main job on the embedded default: synthetic Criteo data generated on first use.
@@ -28,6 +30,10 @@ bench: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
 
+# The component image without a registry (docker/README.md). Needs a Docker daemon: `bash .ci/docker.sh` (root).
+image: $(STAMP)
+	bash docker/build_image.sh $(IMAGE)
+
 clean:
-	rm -rf $(VENV) data out bench/out .pytest_cache
+	rm -rf $(VENV) data out bench/out .pytest_cache docker/.wheelhouse
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
