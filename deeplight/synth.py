@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from deeplight.errors import DeeplightError
+from deeplight.features import int_transform  # the same t(x) the model's feature ids use
 from deeplight.fsutil import resolve
 from deeplight.schema import DERIVATIONS, Column, DatasetSchema, get_schema
 
@@ -127,30 +128,6 @@ def _hash_sign(keys: np.ndarray, salt: int) -> np.ndarray:
 
 
 # --- value encodings -------------------------------------------------------------------------------------
-
-def _int_transform_slow(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        big = np.floor(np.log(np.maximum(x, 1).astype(np.float64)) ** 2).astype(np.int64)
-    return np.where(x > 2, big, x)
-
-
-_T_TABLE_LO, _T_TABLE_HI = -3, 1 << 16
-_T_TABLE = _int_transform_slow(np.arange(_T_TABLE_LO, _T_TABLE_HI))  # the common values: one gather
-
-
-def int_transform(x: np.ndarray) -> np.ndarray:
-    """t(x) = floor(ln(x)^2) if x > 2 else x: the per-value key of int fields.
-
-    >>> int_transform(np.array([-2, 0, 2, 3, 7, 100, 10**12])).tolist()
-    [-2, 0, 2, 1, 3, 21, 763]
-    """
-    x = np.asarray(x, dtype=np.int64)
-    in_table = (x >= _T_TABLE_LO) & (x < _T_TABLE_HI)
-    out = _T_TABLE[np.where(in_table, x - _T_TABLE_LO, 0)]
-    if not in_table.all():
-        out = np.where(in_table, out, _int_transform_slow(x))
-    return out
-
 
 def _int_style_params(cardinality: int, salt: int) -> tuple[int, int, int]:
     """(modulus, multiplier, offset) of the affine bijection rank -> decimal value of an `int`-style cat."""
