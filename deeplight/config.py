@@ -67,6 +67,8 @@ class PruneConfig:
     ramp_epochs: float = 2.0  # the damped schedule reaches its target after this many epochs of pruning
     finetune_epochs: int = 2
     mask_every: int = 10  # steps between threshold updates during the ramp
+    lr: float = 1e-4  # continued training starts from a model already at its best epoch: a tenth of the dense
+    # lr keeps it there (at the dense lr, a CTR model overfits within an epoch, see bench/RESULTS.md)
 
 
 @dataclass(frozen=True)

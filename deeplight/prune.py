@@ -285,7 +285,7 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     ramp_steps = max(1, round(cfg.prune.ramp_epochs * steps_per_epoch))
     epochs = math.ceil(cfg.prune.ramp_epochs) + cfg.prune.finetune_epochs
     pruner = Pruner(model, targets, cfg.prune.mode, ramp_steps, cfg.prune.mask_every)
-    trainer = Trainer(model, data_dir, out_dir, cfg, epochs=epochs, hooks=pruner)
+    trainer = Trainer(model, data_dir, out_dir, cfg, epochs=epochs, hooks=pruner, lr=cfg.prune.lr)
     pruner.attach(trainer.optimizer)
     trainer.try_resume()
     with tracker.run(run_name, resume_id=trainer.progress.run_id) as log:

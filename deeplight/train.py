@@ -11,6 +11,7 @@ The valid split selects the best epoch; the test split is scored once, at the en
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,7 +92,7 @@ class Trainer:
     """One resumable training run writing `last.pt` (resume state), `best.pt` and `results.json` to out_dir."""
 
     def __init__(self, model: DeepFwFM, data_dir: str | Path, out_dir: str | Path, cfg: Config, *,
-                 epochs: int, hooks: TrainHooks | None = None):
+                 epochs: int, hooks: TrainHooks | None = None, lr: float | None = None):
         self.model, self.cfg, self.epochs, self.hooks = model, cfg, epochs, hooks
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.manifest = read_manifest(data_dir)
@@ -101,7 +102,7 @@ class Trainer:
             raise DeeplightError(f"{data_dir}: the train split is empty")
         SplitLoader(data_dir, "valid")  # fail now, not after an epoch, when the valid split is missing
         # fused: the same algorithm in one kernel per step, ~2x faster training on CPU (Adam dominates a step).
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr or cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                           fused=True)
         self.progress = Progress()
         self.checkpoint_every = cfg.train.checkpoint_every
@@ -132,7 +133,8 @@ class Trainer:
         if not self.last_path.exists():
             return False
         ck = checkpoint.load(self.last_path)
-        if ck["config"] != self.cfg.to_json():
+        # Compared as Config objects: a checkpoint written before a setting existed gets its default.
+        if Config.from_dict(json.loads(ck["config"])) != self.cfg:
             raise DeeplightError(f"{self.out_dir} holds a run with a different config; use another --out "
                                  "or delete it")
         if ck["data_fingerprint"] != self.data_fingerprint():
