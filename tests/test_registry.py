@@ -1,0 +1,482 @@
+"""Model registry: a raw-rows pyfunc with alias and tags, the promotion gate, bad input, and the same against a
+real `mlflow server` (local and S3 artifacts) and `mlflow models serve`.
+
+The first tests use the embedded sqlite store; the `integration` ones start real servers on 127.0.0.1 (moto's S3
+server in a thread; `mlflow server` and `mlflow models serve` as processes in their own session, stopped by PID).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeplight.cli import main
+from deeplight.compact import CompactModel, compact_checkpoint
+from deeplight.config import Config
+from deeplight.errors import DeeplightError
+from deeplight.evaluate import evaluate_model
+from deeplight.features import FeatureMap, hash_dataset
+from deeplight.ingest import ingest, parse_records
+from deeplight.prune import prune
+from deeplight.registry import BadRowsError, log_evaluation, promote, register_model
+from deeplight.schema import get_schema
+from deeplight.synth import synthesize
+from deeplight.tracking import MlflowTracker, tracking_uri
+from deeplight.train import train
+
+CFG = Config().replace(**{"model.dnn": (16,), "train.batch_size": 512, "train.epochs": 2, "train.threads": 1,
+                          "prune.dnn": 0.8, "prune.field": 0.6, "prune.embedding": 0.3, "prune.ramp_epochs": 1.0,
+                          "prune.finetune_epochs": 1})
+FAST = {"latency_rounds": 1, "latency_budget_s": 0.01}
+CRITEO = get_schema("criteo")
+COLUMNS = [c.name for c in CRITEO.columns]
+BIN = Path(sys.executable).parent
+SERVER_TIMEOUT = 180  # `mlflow server --workers 1` is ready in ~20 s on 2 idle cores
+
+
+# --- data and models ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Synthetic Criteo -> two hashed datasets (vocabulary / buckets: different feature maps) -> a dense and a
+    pruned model on the first, a dense model on the second, each evaluated on its test split."""
+    root = tmp_path_factory.mktemp("registry")
+    raw = root / "raw.txt"
+    synthesize("criteo", rows=4000, seed=0, out=str(raw))
+    ingest("criteo", [str(raw)], str(root / "ingested"))
+    hash_dataset(str(root / "ingested"), str(root / "a"), min_count=2)
+    hash_dataset(str(root / "ingested"), str(root / "b"), buckets=500)
+    train(root / "a", root / "dense", CFG)
+    prune(root / "dense" / "best.pt", root / "a", root / "pruned", CFG)
+    train(root / "b", root / "other", CFG.replace(**{"train.epochs": 1}))
+    out = {"root": root, "raw": raw, "a": root / "a", "b": root / "b", "dense": root / "dense",
+           "pruned": root / "pruned", "other": root / "other"}
+    for key, data in (("dense", "a"), ("pruned", "a"), ("other", "b")):
+        out[f"{key}_metrics"] = evaluate_model(str(out[key]), str(out[data]), **FAST)
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_records(trained: dict) -> list[dict]:
+    """Raw Criteo rows exactly as in the file: strings, empty = missing, label included."""
+    lines = trained["raw"].read_text().splitlines()[:40]
+    return [dict(zip(COLUMNS, line.split("\t"))) for line in lines]
+
+
+def expected(model_dir: Path, data_dir: Path, records: list[dict]) -> np.ndarray:
+    """Click probabilities of the compact model of a checkpoint, on raw rows mapped by its feature map."""
+    out = model_dir / "compact-expected"
+    if not (out / "compact.npz").exists():
+        compact_checkpoint(model_dir / "best.pt", out, exports=False)
+    ids = FeatureMap.load(data_dir / "feature_map.json").transform(parse_records(CRITEO, records, ("label",)))
+    return CompactModel.load(out / "compact.npz").predict_proba(ids).astype(np.float64)
+
+
+def with_metrics(m: dict, **changes: float) -> dict:
+    """A copy of an evaluation with chosen test AUC / batch-1 latency (so the gate's inputs are known)."""
+    m = copy.deepcopy(m)
+    if "auc" in changes:
+        m["auc"] = changes["auc"]
+    if "latency" in changes:
+        m["latency_us"]["1"] = changes["latency"]
+    return m
+
+
+def state(c: MlflowClient, name: str) -> dict:
+    """Everything promote may change: aliases and every version's tags."""
+    versions = c.search_model_versions(f"name='{name}'")
+    return {"aliases": dict(c.get_registered_model(name).aliases),
+            "tags": {str(v.version): dict(v.tags) for v in versions}}
+
+
+def load(uri: str) -> mlflow.pyfunc.PyFuncModel:
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.pyfunc.load_model(uri)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded sqlite store in a temp dir for this module's non-server tests."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("DEEPLIGHT_MLRUNS", str(root / "mlruns"))
+        yield MlflowClient(tracking_uri())
+
+
+@pytest.fixture(scope="module")
+def registered(trained: dict, local_store: MlflowClient) -> dict:
+    tracker = MlflowTracker()
+    parent = tracker.client.create_run(tracker.experiment_id, run_name="pipeline").info.run_id
+    reg = register_model(str(trained["pruned"]), str(trained["a"]), "ctr", metrics=trained["pruned_metrics"],
+                         parent_run_id=parent, tags={"team": "ads"})
+    return {**reg, "parent": parent, "model": load("models:/ctr@challenger")}
+
+
+# --- registering and scoring raw rows -------------------------------------------------------------------
+
+def test_register_sets_alias_and_tags_and_logs_the_exports(trained: dict, registered: dict,
+                                                           local_store: MlflowClient):
+    c, m = local_store, trained["pruned_metrics"]
+    assert registered["version"] == "1" and registered["alias"] == "challenger"
+    v = c.get_model_version_by_alias("ctr", "challenger")
+    assert str(v.version) == "1" and v.run_id == registered["run_id"]
+    tags = v.tags
+    assert float(tags["test_auc"]) == m["auc"] and float(tags["test_logloss"]) == m["logloss"]
+    assert float(tags["latency_us_b1"]) == m["latency_us"]["1"] and float(tags["model_bytes"]) == m["model_bytes"]
+    assert {k: float(tags[f"sparsity_target_{k}"]) for k in ("dnn", "field", "embedding")} == \
+        {"dnn": 0.8, "field": 0.6, "embedding": 0.3}
+    assert float(tags["sparsity_field"]) == m["sparsity"]["field"]
+    manifest = json.loads((trained["a"] / "manifest.json").read_text())
+    assert tags["feature_map_fingerprint"] == manifest["feature_map_fingerprint"]
+    assert tags["test_data_fingerprint"] == manifest["fingerprints"]["test"]
+    assert tags["data_fingerprint"] == f"{manifest['fingerprints']['train']}:{manifest['fingerprints']['valid']}"
+    assert tags["dataset"] == "criteo" and tags["code_version"] and tags["team"] == "ads"
+    assert tags["parent_run_id"] == registered["parent"]
+    run = c.get_run(registered["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == registered["parent"]
+    assert run.data.metrics["test_auc"] == pytest.approx(m["auc"])
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/ctr/1", tracking_uri=tracking_uri()))
+    assert {p.name for p in (local / "artifacts").iterdir()} == {
+        "compact.npz", "feature_map.json", "model.onnx", "model.torchscript.pt"}
+    assert (local / "code" / "deeplight" / "registry.py").is_file()  # serving needs no installed deeplight
+    info = mlflow.models.get_model_info("models:/ctr/1")
+    inputs = info.signature.inputs
+    assert inputs.input_names() == COLUMNS
+    assert [c.required for c in inputs.inputs] == [False] + [True] * 39  # the label is optional
+    assert (local / "input_example.json").is_file()
+
+
+def test_pyfunc_scores_raw_rows_like_the_compact_model(trained: dict, registered: dict, raw_records: list[dict]):
+    model, want = registered["model"], expected(trained["pruned"], trained["a"], raw_records)
+    assert len(np.unique(want)) > 10  # the rows really differ
+    got = model.predict(pd.DataFrame(raw_records))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    # Without the label, and with numbers instead of text (None = missing): the same scores.
+    numeric = [{k: (None if v == "" else int(v) if k.startswith("I") else v) for k, v in r.items() if k != "label"}
+               for r in raw_records]
+    np.testing.assert_allclose(model.predict(pd.DataFrame(numeric)), want, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(model.unwrap_python_model().predict(None, numeric), want, rtol=0, atol=1e-7)
+    assert model.predict(pd.DataFrame(raw_records[:1])).shape == (1,)
+
+
+_NO_DEEPLIGHT = """
+import json, sys
+src = sys.argv[1]
+sys.path = [p for p in sys.path if p and (not p.startswith(src) or "site-packages" in p)]  # hide the checkout
+try:
+    import deeplight
+    raise SystemExit("deeplight importable before loading: " + deeplight.__file__)
+except ImportError:
+    pass
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[3])
+import deeplight
+print(json.dumps({"file": deeplight.__file__, "p": model.predict(pd.DataFrame(json.loads(sys.argv[2]))).tolist()}))
+"""
+
+
+def test_model_loads_without_an_installed_deeplight(trained: dict, registered: dict, raw_records: list[dict],
+                                                    tmp_path: Path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    src = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _NO_DEEPLIGHT, src, json.dumps(raw_records[:5]), "models:/ctr/1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "/code/deeplight/" in got["file"] and not got["file"].startswith(src)  # the copy in the model
+    np.testing.assert_allclose(got["p"], expected(trained["pruned"], trained["a"], raw_records[:5]), rtol=0,
+                               atol=1e-7)
+
+
+def test_bad_rows_get_a_clear_error_naming_row_and_field(registered: dict, raw_records: list[dict]):
+    model = registered["model"]
+    good = pd.DataFrame(raw_records[:3])
+    with pytest.raises(MlflowException, match=r"missing inputs.*C26"):
+        model.predict(good.drop(columns=["C26"]))
+    cases = [("I2", "abc", r"row 1, field 'I2': non-integer"), ("I3", 3.5, r"row 1, field 'I3': non-integer"),
+             ("C1", True, r"row 1, field 'C1': expected a string or a number"),
+             ("label", "2", r"row 1, field 'label': label 'label' must be 0 or 1"),
+             ("I1", "99999999999999999999", "out of int64 range")]
+    for column, value, message in cases:
+        bad = good.astype(object)
+        bad.loc[1, column] = value
+        with pytest.raises(BadRowsError, match=message) as e:
+            model.predict(bad)
+        assert isinstance(e.value, DeeplightError) and e.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_log_evaluation_records_metrics_tags_and_plots(trained: dict, local_store: MlflowClient, tmp_path: Path):
+    m = evaluate_model(str(trained["dense"]), str(trained["a"]), plots_dir=str(tmp_path / "plots"), **FAST)
+    tracker = MlflowTracker(experiment="evaluations")
+    log_evaluation(m, str(tmp_path / "plots"), tracker)
+    log_evaluation(m, None, None)  # tracking off: nothing to do
+    run = local_store.search_runs([tracker.experiment_id])[0]
+    assert run.info.run_name == "evaluate-test" and run.info.status == "FINISHED"
+    assert run.data.metrics["test_auc"] == pytest.approx(m["auc"])
+    assert run.data.metrics["params_nonzero"] == m["params_nonzero"]
+    assert run.data.tags["eval_data_fingerprint"] == m["eval_data_fingerprint"]
+    plots = {a.path for a in local_store.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/roc_curve.png", "plots/calibration_curve.png", "plots/field_pairs.png"}
+    got = json.loads(Path(local_store.download_artifacts(run.info.run_id, "evaluation.json", str(tmp_path)))
+                     .read_text())
+    assert got["auc"] == m["auc"] and len(got["kept_pairs"]) == len(m["kept_pairs"])
+
+
+# --- the gate -------------------------------------------------------------------------------------------
+
+def test_gate_promotes_better_refuses_worse_and_is_idempotent(trained: dict, local_store: MlflowClient):
+    c, base, ckpt, data = local_store, trained["pruned_metrics"], str(trained["pruned"]), str(trained["a"])
+    register_model(ckpt, data, "gate", metrics=with_metrics(base, auc=0.75, latency=10.0))
+    first = promote("gate")
+    assert first["promoted"] and first["champion"] == "1" and "no champion yet" in first["reasons"][0]
+    before = state(c, "gate")
+    again = promote("gate")
+    assert again["decision"] == "unchanged" and not again["changed"] and state(c, "gate") == before
+
+    # Worse by more than the tolerance: not promoted; a repeated run changes nothing.
+    register_model(ckpt, data, "gate", metrics=with_metrics(base, auc=0.7485, latency=10.0))
+    worse = promote("gate", tolerance=0.001)
+    assert worse["decision"] == "rejected" and worse["champion"] == "1"
+    assert str(c.get_model_version_by_alias("gate", "champion").version) == "1"
+    tags = c.get_model_version("gate", "2").tags
+    assert tags["promotion.decision"] == "rejected" and "below champion version 1" in tags["promotion.reasons"]
+    before = state(c, "gate")
+    again = promote("gate", tolerance=0.001)
+    assert again["decision"] == "rejected" and not again["changed"] and state(c, "gate") == before
+
+    # Within the tolerance but slower than the SLO: rejected; with a looser SLO: promoted; then a no-op.
+    register_model(ckpt, data, "gate", metrics=with_metrics(base, auc=0.7491, latency=80.0))
+    slow = promote("gate", latency_slo_us=50)
+    assert slow["decision"] == "rejected" and any("exceeds the 50" in r for r in slow["reasons"])
+    ok = promote("gate", latency_slo_us=100)
+    assert ok["promoted"] and ok["champion_before"] == "1" and ok["champion"] == "3"
+    assert str(c.get_model_version_by_alias("gate", "champion").version) == "3"
+    assert c.get_model_version("gate", "3").tags["promotion.decision"] == "promoted"
+    before = state(c, "gate")
+    assert not promote("gate", latency_slo_us=100)["changed"] and state(c, "gate") == before
+
+    with pytest.raises(DeeplightError, match="tolerance"):
+        promote("gate", tolerance=-1)
+    with pytest.raises(DeeplightError, match="no registered model"):
+        promote("no-such-model")
+
+
+def test_other_feature_map_is_refused_and_cli(trained: dict, local_store: MlflowClient, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture):
+    c = local_store
+    with pytest.raises(DeeplightError, match="another feature map"):
+        register_model(str(trained["dense"]), str(trained["b"]), "mixed", metrics=trained["dense_metrics"])
+    metrics_json = tmp_path / "dense.json"
+    metrics_json.write_text(json.dumps(trained["dense_metrics"]))
+    assert main(["register", "--model", str(trained["dense"]), "--data", str(trained["a"]), "--name", "mixed",
+                 "--metrics", str(metrics_json), "--tag", "owner=me"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["version"] == "1" and printed["tags"]["owner"] == "me"
+    assert main(["promote", "--name", "mixed"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"] == "promoted"
+
+    # A model of the same dataset hashed with another feature map: refused, and the refusal is tagged.
+    register_model(str(trained["other"]), str(trained["b"]), "mixed", metrics=trained["other_metrics"])
+    with pytest.raises(DeeplightError, match="another feature map"):
+        promote("mixed")
+    assert str(c.get_model_version_by_alias("mixed", "champion").version) == "1"
+    assert c.get_model_version("mixed", "2").tags["promotion.decision"] == "refused"
+    before = state(c, "mixed")
+    assert main(["promote", "--name", "mixed"]) == 2
+    assert "refused" in capsys.readouterr().err and state(c, "mixed") == before
+
+
+# --- real servers ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A server process in its own session (so that stop() reaches its workers too)."""
+    env = {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = SERVER_TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group this test started (its session), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server (a thread) and two `mlflow server` processes started together: sqlite backends, one
+    serving artifacts from a local directory, one with artifacts in the S3 bucket (clients write them)."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    root = tmp_path_factory.mktemp("servers")
+    s3 = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    s3_env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+              "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}"}
+    boto3.client("s3", endpoint_url=s3_env["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing-secret").create_bucket(Bucket="mlflow")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    base["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner + huey workers: 2 processes, not 12
+    common = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--workers", "1"]
+    ports = {"local": free_port(), "s3": free_port()}
+    procs = {
+        "local": start([*common, "--port", str(ports["local"]), "--backend-store-uri",
+                        f"sqlite:///{root / 'local.db'}", "--serve-artifacts", "--artifacts-destination",
+                        str(root / "artifacts")], root / "local.log", base),
+        "s3": start([*common, "--port", str(ports["s3"]), "--backend-store-uri", f"sqlite:///{root / 's3.db'}",
+                     "--no-serve-artifacts", "--default-artifact-root", "s3://mlflow/runs"], root / "s3.log", base),
+    }
+    try:
+        for name, proc in procs.items():
+            wait_ready(f"http://127.0.0.1:{ports[name]}/health", proc, root / f"{name}.log")
+        yield {"root": root, "s3_env": s3_env, "s3_client": boto3.client(
+                   "s3", endpoint_url=s3_env["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
+                   aws_access_key_id="testing", aws_secret_access_key="testing-secret"),
+               "local": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['local']}"},
+               "s3": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['s3']}", **s3_env}}
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        s3.stop()
+
+
+def _register_two_and_promote(trained: dict, env: dict[str, str]) -> dict:
+    """dense (v1) then pruned (v2), each promoted when registered: the gate decides which is champion."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        register_model(str(trained["dense"]), str(trained["a"]), "ctr", metrics=trained["dense_metrics"])
+        first = promote("ctr")
+        register_model(str(trained["pruned"]), str(trained["a"]), "ctr", metrics=trained["pruned_metrics"])
+        second = promote("ctr")
+    return {"first": first, "second": second, "env": env}
+
+
+@pytest.fixture(scope="module")
+def local_server_registry(trained: dict, servers: dict):
+    """Two versions on the local-artifact server, and `mlflow models serve` of its champion already starting
+    (it takes ~15 s, overlapped with the other server tests; test_mlflow_models_serve_* waits for it)."""
+    reg = _register_two_and_promote(trained, servers["local"])
+    port, log = free_port(), servers["root"] / "serve.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}, **reg["env"]}
+    proc = start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/ctr@champion", "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port)], log, env)
+    try:
+        yield {**reg, "serve": (proc, port, log)}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_server_registry(trained: dict, servers: dict) -> dict:
+    return _register_two_and_promote(trained, servers["s3"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_champion_from_a_real_server_scores_raw_rows(backend: str, request: pytest.FixtureRequest, trained: dict,
+                                                     servers: dict, raw_records: list[dict],
+                                                     monkeypatch: pytest.MonkeyPatch):
+    reg = request.getfixturevalue(f"{backend}_server_registry")
+    for k, v in reg["env"].items():
+        monkeypatch.setenv(k, v)
+    assert reg["first"]["decision"] == "promoted" and reg["first"]["champion"] == "1"
+    dense_auc, pruned_auc = trained["dense_metrics"]["auc"], trained["pruned_metrics"]["auc"]
+    assert reg["second"]["promoted"] == (pruned_auc >= dense_auc - 0.001)
+    champion = reg["second"]["champion"]
+    c = MlflowClient(tracking_uri())
+    assert str(c.get_model_version_by_alias("ctr", "champion").version) == champion
+    assert str(c.get_model_version_by_alias("ctr", "challenger").version) == "2"
+    want = expected(trained["dense" if champion == "1" else "pruned"], trained["a"], raw_records)
+    got = load("models:/ctr@champion").predict(pd.DataFrame(raw_records))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    if backend == "s3":  # the artifacts really are in the bucket
+        keys = [o["Key"] for o in servers["s3_client"].list_objects_v2(Bucket="mlflow")["Contents"]]
+        assert sum(k.endswith("artifacts/compact.npz") for k in keys) == 2
+    else:
+        assert len(list((servers["root"] / "artifacts").rglob("compact.npz"))) == 2
+
+
+def _post(url: str, body: object) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_raw_rows(trained: dict, local_server_registry: dict, raw_records: list[dict]):
+    proc, port, log = local_server_registry["serve"]
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        champion = local_server_registry["second"]["champion"]
+        want = expected(trained["dense" if champion == "1" else "pruned"], trained["a"], raw_records)
+        status, body = _post(url, {"dataframe_records": raw_records})
+        assert status == 200
+        np.testing.assert_allclose(body["predictions"], want, rtol=0, atol=1e-7)
+        numeric = [{k: (None if v == "" else int(v) if k.startswith("I") else v) for k, v in r.items()}
+                   for r in raw_records]
+        status, body = _post(url, {"dataframe_split": pd.DataFrame(numeric).to_dict(orient="split")})
+        assert status == 200
+        np.testing.assert_allclose(body["predictions"], want, rtol=0, atol=1e-7)
+
+        bad_value = [dict(r) for r in raw_records[:3]]
+        bad_value[1]["I2"] = "abc"
+        missing = [{k: v for k, v in r.items() if k != "C26"} for r in raw_records[:3]]
+        wrong_type = [dict(r) for r in raw_records[:3]]
+        wrong_type[2]["C5"] = {"nested": 1}
+        for rows, message in ((bad_value, "row 1, field 'I2': non-integer in integer field 'I2': 'abc'"),
+                              (missing, "missing inputs ['C26']"),
+                              (wrong_type, "row 2, field 'C5': expected a string or a number")):
+            status, body = _post(url, {"dataframe_records": rows})
+            assert status == 400, body
+            assert body["error_code"] == "INVALID_PARAMETER_VALUE" and message in body["message"]
+            assert "stack_trace" not in body and "Traceback" not in body["message"]
+    finally:
+        stop(proc)  # now rather than at module teardown: frees a core
