@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-# The main job on the embedded default: synthetic Criteo data generated on first use.
+# The whole KFP pipeline on the embedded default (kfp.local.SubprocessRunner): synthetic Criteo data generated on
+# first use, tracked in mlruns/, then the dense vs pruned table read back from MLflow and how to open `make ui`.
 run: $(STAMP)
-	$(BIN)/deeplight run-local
+	$(BIN)/deeplight pipeline run-local
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -82,11 +82,79 @@ def cmd_prune(a: argparse.Namespace) -> None:
     _print_json({k: v for k, v in result.items() if k != "history"})
 
 
-def cmd_run_local(a: argparse.Namespace) -> None:
-    from deeplight.local_run import run_local
+def cmd_compact(a: argparse.Namespace) -> None:
+    from deeplight.compact import compact_checkpoint
 
-    run_local(rows=a.rows, seed=a.seed, epochs=a.epochs, track=not a.no_mlflow)
+    _print_json(compact_checkpoint(a.checkpoint, a.out, exports=not a.no_exports))
 
+
+def cmd_pipeline(a: argparse.Namespace) -> None:
+    from deeplight.pipeline_cli import main
+
+    main(a)
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from deeplight.sweep import SearchSpace, SweepSettings, brief, parse_range, parse_sets, run_sweep
+
+    space = SearchSpace(dnn=parse_range(a.dnn), field=parse_range(a.field), embedding=parse_range(a.embedding),
+                        modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
+                        finetune_epochs=parse_range(a.finetune_epochs, int))
+    settings = SweepSettings(study=a.study, storage=a.storage, n_trials=a.n_trials, sampler=a.sampler, seed=a.seed,
+                             tolerance=a.tolerance, space=space, latency_calls=a.latency_calls,
+                             heartbeat_interval=a.heartbeat, grace_period=a.grace, experiment=a.experiment)
+    summary = run_sweep(a.data, a.out, settings, overrides=parse_sets(a.set), dense=a.dense,
+                        finalize=not a.no_finalize, register=a.model_name if a.register else None)
+    _print_json(brief(summary))
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from deeplight.report import load_summary, write_report
+
+    if a.summary:
+        summary = load_summary(a.summary)
+    else:
+        from deeplight.sweep import SweepSettings, collect, load_study, open_storage
+
+        url = SweepSettings(storage=a.storage).storage_url()
+        summary = collect(load_study(a.study, open_storage(url)))
+    _print_json({k: str(v) for k, v in write_report(summary, a.out).items()})
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from deeplight.evaluate import evaluate_model
+
+    plots = a.plots or str(Path(a.out).with_suffix("")) + "_plots"
+    metrics = evaluate_model(a.model, a.data, split=a.split, out_json=a.out, plots_dir=plots, dense=a.dense,
+                             latency_rounds=a.latency_rounds)
+    if not a.no_mlflow:
+        from deeplight.registry import log_evaluation
+
+        log_evaluation(metrics, plots, _tracker(a))
+    _print_json({k: v for k, v in metrics.items() if k != "kept_pairs"} | {"kept_pairs": len(metrics["kept_pairs"])})
+
+
+def cmd_register(a: argparse.Namespace) -> None:
+    from deeplight.fsutil import read_json
+    from deeplight.registry import register_model
+
+    tags = {}
+    for item in a.tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeeplightError(f"--tag wants KEY=VALUE, got {item!r}")
+        tags[key] = value
+    metrics = read_json(a.metrics) if a.metrics else None
+    result = register_model(a.model, a.data, a.name, metrics=metrics, parent_run_id=a.parent_run_id, tags=tags)
+    _print_json(result)
+
+
+def cmd_promote(a: argparse.Namespace) -> None:
+    from deeplight.registry import promote
+
+    _print_json(promote(a.name, tolerance=a.tolerance, latency_slo_us=a.latency_slo_us))
 
 def _tracker(a: argparse.Namespace):
     if a.no_mlflow:
@@ -164,11 +232,75 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
-    sp = add("run-local", cmd_run_local, "the whole job on synthetic Criteo data, tracked in ./mlruns (make run)")
-    sp.add_argument("--rows", type=int, default=300_000)
+    sp = add("compact", cmd_compact, "convert a (pruned) checkpoint to the compact inference engine + ONNX/TorchScript")
+    sp.add_argument("--checkpoint", required=True, help="best.pt written by `deeplight train` or `deeplight prune`")
+    sp.add_argument("--out", required=True, help="directory for compact.npz, model.onnx, model.torchscript.pt")
+    sp.add_argument("--no-exports", action="store_true", help="write compact.npz only")
+
+    sp = add("pipeline", cmd_pipeline, "the KFP pipeline: compile to IR YAML, run locally (make run), submit")
+    from deeplight.pipeline_cli import add_commands  # argparse only; kfp is imported when a command runs
+
+    add_commands(sp)
+
+    sp = add("sweep", cmd_sweep, "Optuna sparsity sweep: valid AUC vs batch-1 latency Pareto front, resumable, "
+                                 "distributed over workers sharing --storage")
+    sp.add_argument("--data", required=True, help="a hashed dataset directory")
+    sp.add_argument("--out", required=True, help="dense model (unless --dense), trial checkpoints, report")
+    sp.add_argument("--dense", help="prune from this dense checkpoint instead of training one into OUT/dense")
+    sp.add_argument("--study", default="deeplight-sweep", help="Optuna study name; the same name resumes it")
+    sp.add_argument("--storage", help="Optuna RDB URL shared by workers (default sqlite:///mlruns/optuna.db)")
+    sp.add_argument("--n-trials", type=int, default=20, help="COMPLETE trials the study ends with (all workers)")
+    sp.add_argument("--sampler", default="tpe", help="tpe | nsga2 | random")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--epochs", type=int, default=4, help="dense training epochs")
-    sp.add_argument("--no-mlflow", action="store_true")
+    sp.add_argument("--tolerance", type=float, default=0.001,
+                    help="choose the fastest trial whose valid AUC is within this of the dense model's")
+    sp.add_argument("--dnn", default="0.0:0.98", help="DNN sparsity range LOW:HIGH (or one value)")
+    sp.add_argument("--field", default="0.0:0.98", help="field-pair (R) sparsity range")
+    sp.add_argument("--embedding", default="0.0:0.9", help="embedding sparsity range")
+    sp.add_argument("--modes", default="unstructured,structured", help="pruning modes to try")
+    sp.add_argument("--finetune-epochs", default="1:2", help="fine-tune epochs range")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="config setting for the dense model and pruning, e.g. model.dnn=[16] train.epochs=1 "
+                         "prune.ramp_epochs=1 (repeatable)")
+    sp.add_argument("--latency-calls", type=int, default=2000, help="batch-1 calls timed per trial (median)")
+    sp.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    sp.add_argument("--grace", type=int, help="a trial without heartbeat this long is failed (default 3x heartbeat)")
+    sp.add_argument("--experiment", default="deeplight", help="MLflow experiment")
+    sp.add_argument("--no-finalize", action="store_true", help="run trials only (a pipeline worker)")
+    sp.add_argument("--register", action="store_true", help="register the chosen model in the MLflow registry")
+    sp.add_argument("--model-name", default="deeplight", help="registered model name for --register")
+
+    sp = add("report", cmd_report, "a sweep as a Markdown report with plots (Pareto front, RQ1-RQ4, field pairs)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--study", help="Optuna study name (read from --storage)")
+    g.add_argument("--summary", help="summary.json written by `deeplight sweep` (OUT/report/summary.json)")
+    sp.add_argument("--storage", help="Optuna RDB URL (default sqlite:///mlruns/optuna.db)")
+    sp.add_argument("--out", required=True, help="directory for report.md and its plots")
+
+    sp = add("evaluate", cmd_evaluate, "metrics JSON of a dense or pruned model on a split: AUC, logloss, "
+                                       "calibration, latency, size, sparsity, kept pairs (+ plots, MLflow)")
+    sp.add_argument("--model", required=True, help="checkpoint (best.pt) or a train/prune output directory")
+    sp.add_argument("--data", required=True, help="the hashed dataset the model was trained on")
+    sp.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    sp.add_argument("--out", required=True, help="metrics JSON to write")
+    sp.add_argument("--plots", help="directory for the plots (default: OUT without .json + _plots)")
+    sp.add_argument("--dense", help="the dense checkpoint a pruned model came from (drawn in the R heatmap)")
+    sp.add_argument("--latency-rounds", type=int, default=5, help="timing rounds per batch size (median)")
+    sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+    sp = add("register", cmd_register, "log a model that scores raw rows to the MLflow registry (alias challenger)")
+    sp.add_argument("--model", required=True, help="checkpoint (best.pt) or a train/prune output directory")
+    sp.add_argument("--data", required=True, help="the hashed dataset it was trained on (feature map, test split)")
+    sp.add_argument("--name", required=True, help="registered model name")
+    sp.add_argument("--metrics", help="metrics JSON from `deeplight evaluate` on the test split (else evaluated now)")
+    sp.add_argument("--parent-run-id", help="MLflow run of the pipeline this registration belongs to")
+    sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag (repeatable)")
+
+    sp = add("promote", cmd_promote, "move alias champion to the challenger if it passes the AUC/latency gate")
+    sp.add_argument("--name", required=True, help="registered model name")
+    sp.add_argument("--tolerance", type=float, default=0.001,
+                    help="largest test AUC drop vs the champion that still passes")
+    sp.add_argument("--latency-slo-us", type=float, help="largest batch-1 latency (microseconds) that passes")
     return p
 
 

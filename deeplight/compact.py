@@ -989,3 +989,26 @@ def _ort_session(model: str | bytes, threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def compact_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, exports: bool = True) -> dict[str, Any]:
+    """A trained or pruned checkpoint -> out_dir/compact.npz (+ model.onnx, model.torchscript.pt, stats.json).
+
+    Each export is parity-checked against the compact scorer when written."""
+    from deeplight import checkpoint
+    from deeplight.fsutil import write_json
+    from deeplight.model import DeepFwFM
+
+    ck = checkpoint.load(checkpoint_path)
+    model = DeepFwFM.from_spec(ck["spec"])
+    model.load_state_dict(ck["model"])
+    cm = CompactModel.from_model(model.eval(), ck.get("field_names"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"compact": str(cm.save(out / "compact.npz"))}
+    if exports:
+        paths["onnx"] = str(cm.export_onnx(out / "model.onnx"))
+        paths["torchscript"] = str(cm.export_torchscript(out / "model.torchscript.pt"))
+    stats = {**cm.stats(), "files": paths, "source": str(checkpoint_path)}
+    write_json(out / "stats.json", stats)
+    return stats
