@@ -62,8 +62,11 @@ def test_quality_metrics_are_those_of_the_model_on_the_split(models: dict[str, P
     labels, probs = _torch_probs(models["pruned"] / "best.pt", models["data"], "test")
     want = metrics.evaluate_arrays(labels, probs)
     assert pruned_eval["rows"] == want["rows"] == len(labels)
-    assert pruned_eval["auc"] == pytest.approx(want["auc"], abs=1e-6)
-    assert pruned_eval["logloss"] == pytest.approx(want["logloss"], abs=1e-6)
+    # evaluate scores the model as it ships, through the compact engine, whose logits match PyTorch's to 1e-5
+    # but not bit for bit: a near-tie between a positive and a negative row can flip, so AUC and logloss agree
+    # to ~1e-5, not 1e-6.
+    assert pruned_eval["auc"] == pytest.approx(want["auc"], abs=2e-5)
+    assert pruned_eval["logloss"] == pytest.approx(want["logloss"], abs=2e-5)
     assert pruned_eval["calibration"] == pytest.approx(want["calibration"], rel=1e-5)
     curve = pruned_eval["calibration_curve"]
     assert sum(curve["rows"]) == len(labels) and len(curve["mean_pred"]) == 10
@@ -73,7 +76,7 @@ def test_quality_metrics_are_those_of_the_model_on_the_split(models: dict[str, P
     assert valid["split"] == "valid" and valid["eval_data_fingerprint"] == "fp-valid-0-8000"
     assert valid["auc"] != pruned_eval["auc"]
     assert valid["auc"] == pytest.approx(metrics.auc(*_torch_probs(models["pruned"] / "best.pt", models["data"],
-                                                                   "valid")), abs=1e-6)
+                                                                   "valid")), abs=2e-5)
 
 
 def test_sparsity_pairs_size_and_identity_of_a_pruned_model(models: dict[str, Path], pruned_eval: dict):
