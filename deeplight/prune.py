@@ -37,10 +37,8 @@ from deeplight import checkpoint
 from deeplight.config import Config, PruneConfig
 from deeplight.data import SplitLoader, read_manifest
 from deeplight.errors import DeeplightError
-from deeplight.fsutil import write_json
 from deeplight.model import DeepFwFM
-from deeplight.provenance import code_version
-from deeplight.runlog import NullTracker, Tracker
+from deeplight.runlog import NullTracker, RunLog, Tracker
 from deeplight.train import Trainer
 
 COMPONENTS = ("dnn", "field", "embedding")
@@ -288,23 +286,12 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     trainer = Trainer(model, data_dir, out_dir, cfg, epochs=epochs, hooks=pruner, lr=cfg.prune.lr)
     pruner.attach(trainer.optimizer)
     trainer.try_resume()
-    with tracker.run(run_name, resume_id=trainer.progress.run_id) as log:
-        if trainer.progress.run_id is None:
-            trainer.progress.run_id = log.run_id
-            log.log_params({**cfg.flat(), "data_dir": str(data_dir), "dense_checkpoint": str(dense_checkpoint)})
-            log.set_tags({"data_fingerprint": trainer.data_fingerprint(), "code_version": code_version(),
-                          "dataset": manifest.get("dataset", ""), "stage": "prune",
-                          "feature_map_fingerprint": manifest.get("feature_map_fingerprint", "")})
-        result = trainer.run(log)
+
+    def add_pruning_report(result: dict[str, Any], log: RunLog) -> None:
         result["pruning"] = report(model, manifest["field_names"], targets, cfg.prune.mode)
         result["dense_valid"] = dense.get("valid", {})
-        for k, v in result["pruning"]["sparsity"].items():
-            log.log_metrics({f"final_sparsity_{k}": v})
-        from deeplight.plots import learning_curve  # matplotlib only when a run finishes
+        log.log_metrics({f"final_sparsity_{k}": v for k, v in result["pruning"]["sparsity"].items()})
 
-        write_json(Path(out_dir) / "results.json", result)
-        curve = learning_curve(result["history"], Path(out_dir) / "learning_curve.png")
-        for path in (curve, Path(out_dir) / "results.json", trainer.best_path):
-            log.log_artifact(path)
-        result["run_id"] = log.run_id
-    return result
+    return trainer.run_tracked(
+        tracker, run_name, finish=add_pruning_report, tags={"stage": "prune"},
+        params={**cfg.flat(), "data_dir": str(data_dir), "dense_checkpoint": str(dense_checkpoint)})

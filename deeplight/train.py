@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -177,6 +177,30 @@ class Trainer:
             self._save_last()
         return self._final_report(log)
 
+    def run_tracked(self, tracker: Tracker, run_name: str, params: dict[str, Any], tags: dict[str, Any] | None = None,
+                    finish: Callable[[dict[str, Any], RunLog], None] | None = None) -> dict[str, Any]:
+        """`run` inside its MLflow run (reopened on resume): params and provenance tags once, then results.json,
+        the learning curve and best.pt as artifacts. `finish` extends the result before it is written."""
+        with tracker.run(run_name, resume_id=self.progress.run_id) as log:
+            if self.progress.run_id is None:  # a fresh run, or one killed before its first checkpoint
+                self.progress.run_id = log.run_id
+                log.log_params(params)
+                log.set_tags({"data_fingerprint": self.data_fingerprint(), "code_version": code_version(),
+                              "dataset": self.manifest.get("dataset", ""),
+                              "feature_map_fingerprint": self.manifest.get("feature_map_fingerprint", ""),
+                              **(tags or {})})
+            result = self.run(log)
+            if finish is not None:
+                finish(result, log)
+            write_json(self.out_dir / "results.json", result)
+            from deeplight.plots import learning_curve  # matplotlib only when a run finishes
+
+            curve = learning_curve(result["history"], self.out_dir / "learning_curve.png")
+            for path in (curve, self.out_dir / "results.json", self.best_path):
+                log.log_artifact(path)
+            result["run_id"] = log.run_id
+        return result
+
     def _train_epoch(self) -> None:
         p, model = self.progress, self.model
         model.train()
@@ -220,7 +244,6 @@ class Trainer:
             "feature_map_fingerprint": self.manifest.get("feature_map_fingerprint", ""),
             "code_version": code_version(), "checkpoint": str(self.best_path),
         }
-        write_json(self.out_dir / "results.json", result)
         log.log_metrics({"best_valid_auc": valid["auc"], "best_valid_logloss": valid["logloss"],
                          **({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})})
         return result
@@ -236,19 +259,5 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: Config, tracker: Track
     torch.manual_seed(cfg.train.seed)
     model = DeepFwFM.from_config(manifest["field_sizes"], cfg.model)
     trainer = Trainer(model, data_dir, out_dir, cfg, epochs=cfg.train.epochs)
-    resumed = trainer.try_resume()
-    with tracker.run(run_name, resume_id=trainer.progress.run_id) as log:
-        if not resumed or trainer.progress.run_id is None:
-            trainer.progress.run_id = log.run_id
-            log.log_params({**cfg.flat(), "data_dir": str(data_dir)})
-            log.set_tags({"data_fingerprint": trainer.data_fingerprint(), "code_version": code_version(),
-                          "dataset": manifest.get("dataset", ""),
-                          "feature_map_fingerprint": manifest.get("feature_map_fingerprint", "")})
-        result = trainer.run(log)
-        from deeplight.plots import learning_curve  # matplotlib only when a run finishes
-
-        curve = learning_curve(result["history"], Path(out_dir) / "learning_curve.png")
-        for path in (curve, Path(out_dir) / "results.json", trainer.best_path):
-            log.log_artifact(path)
-        result["run_id"] = log.run_id
-    return result
+    trainer.try_resume()
+    return trainer.run_tracked(tracker, run_name, params={**cfg.flat(), "data_dir": str(data_dir)})
