@@ -48,6 +48,23 @@ def loader_share(hashed: Path, batch_size: int, train_seconds_per_epoch: float) 
     return (time.perf_counter() - start) / train_seconds_per_epoch
 
 
+def config_overrides(settings: list[str]) -> dict:
+    out = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string, e.g. prune.mode=structured
+    return out
+
+
+def planted_pairs(truth_path: Path) -> list[tuple[str, str]]:
+    return [(a, b) for a, b, _ in json.loads(truth_path.read_text())["planted_pairs"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic-rows", type=int, default=0)
@@ -57,9 +74,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "out" / "accuracy-work"))
     ap.add_argument("--out", default=str(HERE / "out" / "accuracy"))
     ap.add_argument("--models", default="lr,fm,fwfm,deepfwfm")
-    ap.add_argument("--prune", nargs="*", default=["unstructured:0.9,0.9,0.4", "structured:0.9,0.95,0.6"],
+    # structured: 90% of neurons, R down to 10 of 741 pairs (twice the generator's 5 planted pairs), 60% of rows
+    ap.add_argument("--prune", nargs="*", default=["unstructured:0.9,0.9,0.4", "structured:0.9,0.9865,0.6"],
                     help="MODE:dnn,field,embedding settings, one pruned row each (none: skip)")
-    ap.add_argument("--prune-lr", type=float, default=None, help="learning rate while pruning (default: train lr)")
+    ap.add_argument("--prune-lr", type=float, default=None, help="learning rate while pruning (default: prune.lr)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dotted config override, e.g. train.weight_decay=1e-5 (repeatable; values as JSON)")
     ap.add_argument("--min-count", type=int, default=8)
     a = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -78,7 +98,7 @@ def main() -> None:
         ingest(a.dataset, [str(raw)], str(ingested), seed=0)
     if not (hashed / "manifest.json").exists():
         hash_dataset(str(ingested), str(hashed), min_count=a.min_count)
-    cfg = Config().replace(**{"train.epochs": a.epochs})
+    cfg = Config().replace(**{"train.epochs": a.epochs, **config_overrides(a.set)})
     rows, results = [], {}
     for kind in a.models.split(","):
         r = train(hashed, work / f"{raw.name}.{kind}", cfg.replace(**{"model.kind": kind}))
@@ -89,12 +109,13 @@ def main() -> None:
         mode, _, targets = setting.partition(":")
         dnn, field, emb = (float(x) for x in targets.split(","))
         pcfg = cfg.replace(**{"prune.dnn": dnn, "prune.field": field, "prune.embedding": emb,
-                              "prune.mode": mode, "train.lr": a.prune_lr})
+                              "prune.mode": mode, "prune.lr": a.prune_lr})
         r = prune(work / f"{raw.name}.deepfwfm" / "best.pt", hashed, work / f"{raw.name}.pruned-{mode}", pcfg)
         results[f"pruned-{mode}"] = r
         rows.append((f"DeepFwFM pruned {mode} (dnn {dnn}, R {field}, emb {emb})", r,
                      r["history"][-1]["samples_per_s"], r["pruning"]["nonzero"]["total"]))
     orc = oracle(a.dataset, ingested, truth_path) if truth_path else None
+    planted = planted_pairs(truth_path) if truth_path else []
     lines = [f"Data: {tag}; split 80/10/10 random (seed 0); vocabulary min-count {a.min_count} on train; "
              f"up to {a.epochs} epochs, early stopping on valid AUC (patience 2)."]
     if orc is not None:
@@ -104,6 +125,20 @@ def main() -> None:
     for name, r, sps, params in rows:
         lines.append(f"| {name} | {r['test']['auc']:.4f} | {r['test']['logloss']:.4f} | {r['valid']['auc']:.4f} | "
                      f"{r['best_epoch'] + 1} | {params:,} | {sps:,.0f} |")
+    pruned = [(k, r) for k, r in results.items() if k.startswith("pruned-")]
+    if pruned and "deepfwfm" in results:
+        lines.append("")
+        dense_test = results["deepfwfm"]["test"]["auc"]
+        for k, r in pruned:
+            kept = [p["pair"] for p in r["pruning"]["kept_pairs"]]
+            line = (f"{k}: test AUC {r['test']['auc'] - dense_test:+.4f} vs dense; sparsity "
+                    + ", ".join(f"{c} {v:.4f}" for c, v in r["pruning"]["sparsity"].items())
+                    + f"; {len(kept)} pairs kept, strongest: {', '.join(kept[:6])}")
+            if planted:
+                top = {frozenset(p.split(" x ")) for p in kept[:2 * len(planted)]}
+                hit = sum(frozenset(p) in top for p in planted)
+                line += f"; planted pairs among the top {2 * len(planted)}: {hit}/{len(planted)}"
+            lines.append(f"- {line}")
     if "deepfwfm" in results:
         d = results["deepfwfm"]
         epoch_s = (SplitLoader(hashed, "train").rows / d["history"][d["best_epoch"]]["samples_per_s"])

@@ -36,7 +36,7 @@ def start_run(
     field_sparsity: float = 0.9,
     embedding_sparsity: float = 0.4,
     prune_mode: str = "unstructured",
-    ramp_epochs: float = 2.0,
+    ramp_epochs: float = 1.0,
     finetune_epochs: int = 2,
     config_overrides: str = "{}",
     model_name: str = "",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from deeplight import checkpoint, metrics
-from deeplight.config import Config
+from deeplight.config import Config, TrainConfig
 from deeplight.data import SplitLoader, read_manifest
 from deeplight.errors import DeeplightError
 from deeplight.fsutil import write_json
@@ -88,6 +88,15 @@ def evaluate(model: DeepFwFM, data_dir: str | Path, split: str) -> dict[str, flo
     return metrics.evaluate_arrays(labels, probs)
 
 
+def param_groups(model: DeepFwFM, tc: TrainConfig) -> list[dict[str, Any]]:
+    """Adam parameter groups: the DNN has its own weight decay (`dnn_weight_decay`, default: `weight_decay`)."""
+    dnn = [p for n, p in model.named_parameters() if n.startswith("dnn.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("dnn.")]
+    dnn_wd = tc.weight_decay if tc.dnn_weight_decay is None else tc.dnn_weight_decay
+    return [g for g in ({"params": rest, "weight_decay": tc.weight_decay},
+                        {"params": dnn, "weight_decay": dnn_wd}) if g["params"]]
+
+
 class Trainer:
     """One resumable training run writing `last.pt` (resume state), `best.pt` and `results.json` to out_dir."""
 
@@ -102,8 +111,7 @@ class Trainer:
             raise DeeplightError(f"{data_dir}: the train split is empty")
         SplitLoader(data_dir, "valid")  # fail now, not after an epoch, when the valid split is missing
         # fused: the same algorithm in one kernel per step, ~2x faster training on CPU (Adam dominates a step).
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr or cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                          fused=True)
+        self.optimizer = torch.optim.Adam(param_groups(model, cfg.train), lr=lr or cfg.train.lr, fused=True)
         self.progress = Progress()
         self.checkpoint_every = cfg.train.checkpoint_every
         self.out_dir.mkdir(parents=True, exist_ok=True)

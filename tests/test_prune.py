@@ -64,7 +64,7 @@ def dense(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("prune")
     data = write_hashed_dataset(root / "hashed", rows=30_000, field_sizes=(40, 30, 20, 20, 10, 10, 8, 6),
                                 planted=((0, 1), (2, 5), (3, 7)))
-    train(data, root / "dense", Config().replace(**BASE))
+    train(data, root / "dense", Config().replace(**{**BASE, "train.epochs": 4}))
     return data, root / "dense" / "best.pt"
 
 
@@ -98,7 +98,7 @@ def test_prune_reaches_targets_and_round_trips(dense, tmp_path: Path, mode: str,
 def test_pruning_r_keeps_the_planted_pairs(dense, tmp_path: Path):
     data, dense_ckpt = dense
     # Keep twice the number of planted pairs (6 of 28).
-    # The dense model here had only two short epochs, so r still has to separate while pruning: this phase gets
+    # The dense model here had only four short epochs, so r still has to separate while pruning: this phase gets
     # the dense learning rate instead of the default tenth of it.
     cfg = Config().replace(**BASE, **{"prune.dnn": 0.0, "prune.embedding": 0.0, "prune.field": 1 - 6 / 28,
                                       "prune.ramp_epochs": 1.0, "prune.finetune_epochs": 1, "prune.lr": 1e-3})

@@ -149,3 +149,21 @@ def test_bad_inputs_fail_clearly(toy_hashed: Path, tmp_path: Path):
     train(toy_hashed, tmp_path / "o4", small_cfg(**{"train.epochs": 1}))
     with pytest.raises(DeeplightError, match="different config"):
         train(toy_hashed, tmp_path / "o4", small_cfg(**{"train.epochs": 1, "train.lr": 0.01}))
+
+
+def test_dnn_gets_its_own_weight_decay():
+    from deeplight.model import DeepFwFM
+    from deeplight.train import param_groups
+
+    model = DeepFwFM([5, 7, 3], dnn=(8,))
+    tc = Config().replace(**{"train.weight_decay": 1e-4, "train.dnn_weight_decay": 1e-2}).train
+    groups = param_groups(model, tc)
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(by_id) == len(list(model.parameters()))  # every parameter exactly once
+    for name, p in model.named_parameters():
+        assert by_id[id(p)] == (1e-2 if name.startswith("dnn.") else 1e-4), name
+    import dataclasses
+
+    same = param_groups(model, dataclasses.replace(Config().train, weight_decay=3e-4, dnn_weight_decay=None))
+    assert {g["weight_decay"] for g in same} == {3e-4}  # unset: the DNN follows weight_decay
+    assert len(param_groups(DeepFwFM([5, 7, 3], kind="fwfm"), tc)) == 1  # no DNN, no empty group
