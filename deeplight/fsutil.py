@@ -43,8 +43,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or an s3://bucket/key URI."""
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path (str or Path) or an s3://bucket/key URI."""
+    uri = os.fspath(uri)
     if uri.startswith("s3://"):
         return s3_filesystem(), uri[len("s3://"):]
     if "://" in uri and not uri.startswith("file://"):

@@ -47,7 +47,9 @@ def big_criteo(tmp_path_factory) -> tuple[Path, pa.Table, dict, np.ndarray]:
     d = tmp_path_factory.mktemp("criteo_big")
     out = d / "train.txt"
     synth.synthesize("criteo", rows=BIG_ROWS, seed=11, out=str(out), probabilities_out=str(d / "p.npy"))
-    return out, read_typed(out, "criteo"), synth.load_truth(str(out) + ".truth.json"), np.load(d / "p.npy")
+    truth = synth.load_truth(str(out) + ".truth.json")
+    assert synth.load_truth(Path(f"{out}.truth.json")) == truth  # a Path works as well as a str
+    return out, read_typed(out, "criteo"), truth, np.load(d / "p.npy")
 
 
 @pytest.fixture(scope="module")
