@@ -113,6 +113,16 @@ def load_checkpoint(path: str) -> DeepFwFM:
     return model
 
 
+def pruned_label(path: str, index: int | None) -> str:
+    """'pruned structured 95/98.65/60' from the checkpoint's pruning config (targets in %), else 'pruned<k>'."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        p = json.loads(state["config"])["prune"]
+        return f"pruned {p['mode']} " + "/".join(f"{round(100 * p[k], 2):g}" for k in ("dnn", "field", "embedding"))
+    except (KeyError, TypeError, ValueError):
+        return f"pruned{'' if index is None else index + 1}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Physical limit: fetch the rows only
 
@@ -362,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         models = {"dense": load_checkpoint(args.dense)}
         for i, p in enumerate(args.pruned):
-            models[f"pruned{i + 1 if len(args.pruned) > 1 else ''}"] = load_checkpoint(p)
+            models[pruned_label(p, i if len(args.pruned) > 1 else None)] = load_checkpoint(p)
     sizes = list(models["dense"].spec["field_sizes"])
     data_ids = labels = None
     if args.data:
