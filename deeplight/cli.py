@@ -11,7 +11,10 @@ import json
 import sys
 from typing import Callable
 
+from deeplight.config import PruneConfig
 from deeplight.errors import DeeplightError
+
+_PRUNE = PruneConfig()  # defaults shown in --help, read from the one config object
 
 
 def _split(text: str) -> tuple[float, float, float]:
@@ -221,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dense", required=True, help="dense checkpoint (best.pt written by `deeplight train`)")
     sp.add_argument("--data", required=True, help="the hashed dataset the dense model was trained on")
     sp.add_argument("--out", required=True, help="checkpoints and results; an existing run here is resumed")
-    sp.add_argument("--dnn", type=float, help="DNN sparsity target (default 0.9)")
-    sp.add_argument("--field", type=float, help="field-pair (R) sparsity target (default 0.9)")
-    sp.add_argument("--embedding", type=float, help="embedding sparsity target (default 0.4)")
+    sp.add_argument("--dnn", type=float, help=f"DNN sparsity target (default {_PRUNE.dnn:g})")
+    sp.add_argument("--field", type=float, help=f"field-pair (R) sparsity target (default {_PRUNE.field:g})")
+    sp.add_argument("--embedding", type=float, help=f"embedding sparsity target (default {_PRUNE.embedding:g})")
     sp.add_argument("--mode", choices=["unstructured", "structured"])
-    sp.add_argument("--ramp-epochs", type=float, help="epochs over which sparsity ramps up (default 2)")
-    sp.add_argument("--finetune-epochs", type=int, help="epochs at full sparsity after the ramp (default 2)")
+    sp.add_argument("--ramp-epochs", type=float, help=f"epochs over which sparsity ramps up (default {_PRUNE.ramp_epochs:g})")
+    sp.add_argument("--finetune-epochs", type=int, help=f"epochs at full sparsity after the ramp (default {_PRUNE.finetune_epochs})")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--threads", type=int)
