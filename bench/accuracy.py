@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from deeplight.config import Config
+from deeplight.config import Config, parse_sets
 from deeplight.data import SplitLoader
 from deeplight.features import hash_dataset
 from deeplight.ingest import ingest
@@ -46,23 +46,6 @@ def loader_share(hashed: Path, batch_size: int, train_seconds_per_epoch: float) 
     for _ in loader.epoch(0):
         pass
     return (time.perf_counter() - start) / train_seconds_per_epoch
-
-
-def config_overrides(settings: list[str]) -> dict:
-    out = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare string, e.g. prune.mode=structured
-    return out
-
-
-def planted_pairs(truth_path: Path) -> list[tuple[str, str]]:
-    return [(a, b) for a, b, _ in json.loads(truth_path.read_text())["planted_pairs"]]
 
 
 def main() -> None:
@@ -100,7 +83,7 @@ def main() -> None:
         ingest(a.dataset, [str(raw)], str(ingested), seed=0)
     if not (hashed / "manifest.json").exists():
         hash_dataset(str(ingested), str(hashed), min_count=a.min_count)
-    cfg = Config().replace(**{"train.epochs": a.epochs, **config_overrides(a.set)})
+    cfg = Config().replace(**{"train.epochs": a.epochs, **parse_sets(a.set)})
     rows, results = [], {}
     for kind in a.models.split(","):
         r = train(hashed, work / f"{raw.name}.{kind}", cfg.replace(**{"model.kind": kind}))
@@ -118,7 +101,7 @@ def main() -> None:
         rows.append((f"DeepFwFM pruned {mode} (dnn {dnn}, R {field}, emb {emb})", r,
                      r["history"][-1]["samples_per_s"], r["pruning"]["nonzero"]["total"]))
     orc = oracle(a.dataset, ingested, truth_path) if truth_path else None
-    planted = planted_pairs(truth_path) if truth_path else []
+    planted = load_truth(truth_path)["planted_pairs"] if truth_path else []  # [field, field, strength]
     lines = [f"Data: {tag}; split 80/10/10 random (seed 0); vocabulary min-count {a.min_count} on train; "
              f"up to {a.epochs} epochs, early stopping on valid AUC (patience 2)."]
     if orc is not None:
@@ -139,7 +122,7 @@ def main() -> None:
                     + f"; {len(kept)} pairs kept, strongest: {', '.join(kept[:6])}")
             if planted:
                 top = {frozenset(p.split(" x ")) for p in kept[:2 * len(planted)]}
-                hit = sum(frozenset(p) in top for p in planted)
+                hit = sum(frozenset(p[:2]) in top for p in planted)
                 line += f"; planted pairs among the top {2 * len(planted)}: {hit}/{len(planted)}"
             lines.append(f"- {line}")
     if "deepfwfm" in results:

@@ -106,16 +106,16 @@ def prune_structured(model: DeepFwFM, neurons: float = 0.9, pairs: float = 0.95,
     return m
 
 
-def load_checkpoint(path: str) -> DeepFwFM:
+def load_checkpoint(path: str) -> tuple[DeepFwFM, dict]:
+    """(model in eval mode, the checkpoint's state dict)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = DeepFwFM.from_spec(state["spec"]).eval()
     model.load_state_dict(state["model"])
-    return model
+    return model, state
 
 
-def pruned_label(path: str, index: int | None) -> str:
+def pruned_label(state: dict, index: int | None) -> str:
     """'pruned structured 95/98.65/60' from the checkpoint's pruning config (targets in %), else 'pruned<k>'."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         p = json.loads(state["config"])["prune"]
         return f"pruned {p['mode']} " + "/".join(f"{round(100 * p[k], 2):g}" for k in ("dnn", "field", "embedding"))
@@ -370,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         dense = synthetic_dense(args.seed)
         models = {"dense": dense, "paper": prune_paper(dense), "structured": prune_structured(dense)}
     else:
-        models = {"dense": load_checkpoint(args.dense)}
+        models = {"dense": load_checkpoint(args.dense)[0]}
         for i, p in enumerate(args.pruned):
-            models[pruned_label(p, i if len(args.pruned) > 1 else None)] = load_checkpoint(p)
+            model, state = load_checkpoint(p)
+            models[pruned_label(state, i if len(args.pruned) > 1 else None)] = model
     sizes = list(models["dense"].spec["field_sizes"])
     data_ids = labels = None
     if args.data:

@@ -98,7 +98,8 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
-    from deeplight.sweep import SearchSpace, SweepSettings, brief, parse_range, parse_sets, run_sweep
+    from deeplight.config import parse_sets
+    from deeplight.sweep import SearchSpace, SweepSettings, brief, parse_range, run_sweep
 
     space = SearchSpace(dnn=parse_range(a.dnn), field=parse_range(a.field), embedding=parse_range(a.embedding),
                         modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
@@ -228,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--field", type=float, help=f"field-pair (R) sparsity target (default {_PRUNE.field:g})")
     sp.add_argument("--embedding", type=float, help=f"embedding sparsity target (default {_PRUNE.embedding:g})")
     sp.add_argument("--mode", choices=["unstructured", "structured"])
-    sp.add_argument("--ramp-epochs", type=float, help=f"epochs over which sparsity ramps up (default {_PRUNE.ramp_epochs:g})")
-    sp.add_argument("--finetune-epochs", type=int, help=f"epochs at full sparsity after the ramp (default {_PRUNE.finetune_epochs})")
+    sp.add_argument("--ramp-epochs", type=float,
+                    help=f"epochs over which sparsity ramps up (default {_PRUNE.ramp_epochs:g})")
+    sp.add_argument("--finetune-epochs", type=int,
+                    help=f"epochs at full sparsity after the ramp (default {_PRUNE.finetune_epochs})")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--threads", type=int)

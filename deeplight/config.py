@@ -127,3 +127,21 @@ _SECTION_TYPES = {"data": DataConfig, "features": FeatureConfig, "model": ModelC
 
 def _tuple_if_list(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`["model.dnn=[16]", "train.epochs=1"]` -> {"model.dnn": [16], "train.epochs": 1} (JSON values, else text).
+
+    >>> parse_sets(["model.dnn=[16]", "prune.mode=structured"])
+    {'model.dnn': [16], 'prune.mode': 'structured'}
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise DeeplightError(f"--set {item!r}: want section.key=value, e.g. train.epochs=2")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
