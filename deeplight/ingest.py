@@ -45,7 +45,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterator, TextIO
@@ -57,6 +58,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from deeplight.errors import DeeplightError
+from deeplight.fastparse import parse_clean_block
 from deeplight.fsutil import atomic_output_dir, open_input, resolve, write_json
 from deeplight.schema import DatasetSchema, get_schema, valid_yymmddhh
 
@@ -66,6 +68,8 @@ PART_ROWS = 1_000_000  # rows per Parquet part file
 ROW_GROUP_ROWS = 131_072  # rows buffered per split before a row group is written
 MAX_TEXT = 2000  # characters of a bad line kept in the quarantine
 COMPRESSION = "zstd"
+PARSE_THREADS = min(2, os.cpu_count() or 1)  # blocks parsed at once (the compiled parser releases the GIL)
+PARSE_AHEAD = 2  # blocks parsed ahead of the one being consumed: bounds memory
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "label": pa.int8(), "int": pa.int64(), "cat": pa.string(), "id": pa.string(), "time": pa.int64(),
@@ -432,12 +436,19 @@ def _decodes(data: bytes) -> bool:
 
 
 def _process_block(schema: DatasetSchema, data: bytes, row_base: int,
-                   splitter: Callable[[np.ndarray], np.ndarray], try_fast: bool = True) -> _BlockResult:
+                   splitter: Callable[[np.ndarray], np.ndarray], try_fast: bool = True, compiled: bool = True
+                   ) -> _BlockResult:
     """Check, parse, validate and split one block of whole lines. Line i of the block is data row row_base + i.
 
-    try_fast: parse the whole block first and let the CSV parser prove every column count right; a block with
-    whole-line problems then takes the exact path (count delimiters per line, parse only the good lines).
+    compiled: first try `fastparse.parse_clean_block`, which takes a block only if every line is clean.
+    try_fast: then parse the whole block with pyarrow's CSV reader and let it prove every column count right; a
+    block with whole-line problems takes the exact path (count delimiters per line, parse only the good lines).
     """
+    if compiled:  # clean blocks (nearly all) in one compiled pass; any doubt falls through to the checks below
+        n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        tables = parse_clean_block(schema, data, splitter(row_base + np.arange(n_lines)))
+        if tables is not None:
+            return _BlockResult(n_lines, tables, _Bad(), [], False)
     buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
     ends = nl if buf[-1] == 10 else np.append(nl, len(buf))  # a last line may lack its newline
@@ -648,7 +659,8 @@ def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, f
             tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, desc="ingest",  # type: ignore
                  disable=None) as bar, \
             open(tmp / "quarantine.jsonl", "w") as quarantine, \
-            ThreadPoolExecutor(max_workers=1) as pool:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="deeplight-write") as pool, \
+            ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="deeplight-parse") as parse_pool:
         writers = [_SplitWriter(tmp / name, arrow_schema(schema), part_rows, row_group_rows) for name in SPLITS]
         pending: list[Future] = []  # Parquet writing overlaps the parsing of the next block; at most 2 queued
 
@@ -659,7 +671,8 @@ def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, f
 
         row_base = 0
         for uri, st, count in zip(inputs, stats, counts):
-            _ingest_input(schema, uri, st, row_base, splitter, block_size, bar.update, quarantine, submit)
+            _ingest_input(schema, uri, st, row_base, splitter, block_size, bar.update, quarantine, submit,
+                          parse_pool)
             if st.read == 0:
                 raise DeeplightError(f"{uri}: no data rows")
             if count is not None and st.read != count:
@@ -701,10 +714,35 @@ def _write_tables(writers: list[_SplitWriter], tables: list[pa.Table | None]) ->
 
 def _ingest_input(schema: DatasetSchema, uri: str, st: _InputStats, row_base: int,
                   splitter: Callable[[np.ndarray], np.ndarray], block_size: int, progress: Callable[[int], object],
-                  quarantine: TextIO, submit: Callable[[list[pa.Table | None]], None]) -> None:
-    """Stream one input: quarantine its bad lines, count into `st`, hand each block's split tables to `submit`."""
-    first_line = 1  # source line number of the block's first line
+                  quarantine: TextIO, submit: Callable[[list[pa.Table | None]], None], parse_pool: Executor) -> None:
+    """Stream one input: quarantine its bad lines, count into `st`, hand each block's split tables to `submit`.
+
+    Blocks are parsed in `parse_pool` (the compiled parser releases the GIL), a few ahead of the one being
+    consumed; results are consumed in file order, so the output does not depend on the number of threads.
+    """
+    first_line = 1  # source line number of the next block's first line
+    lines_read = 0  # data lines in the blocks submitted so far
     try_fast = True  # after a block with whole-line problems, skip the (then wasted) fast parse attempt
+    in_flight: deque[tuple[Future, int]] = deque()
+
+    def consume() -> None:
+        nonlocal try_fast
+        future, block_first_line = in_flight.popleft()
+        res = future.result()
+        try_fast = not res.whole_line_problems
+        for i, fld, kind, reason, text in zip(res.bad.rows, res.bad.fields, res.bad.kinds, res.bad.reasons,
+                                              res.texts):
+            line = block_first_line + i
+            quarantine.write(json.dumps({"file": uri, "line": line, "reason": reason, "field": fld,
+                                         "kind": kind, "text": text}) + "\n")
+            if len(st.first_bad) < 3:
+                st.first_bad.append(f"line {line}: {reason}")
+        st.reasons.update(res.bad.kinds)
+        st.read += res.lines
+        st.quarantined += len(res.bad.rows)
+        st.written += res.lines - len(res.bad.rows)
+        submit(res.tables)
+
     with open_input(uri) as stream:
         for block in _blocks(stream, uri, block_size, progress):
             if first_line == 1:
@@ -716,18 +754,12 @@ def _ingest_input(schema: DatasetSchema, uri: str, st: _InputStats, row_base: in
                     block, first_line = block[cut:], 2
                 if not block:
                     continue
-            res = _process_block(schema, block, row_base + st.read, splitter, try_fast)
-            try_fast = not res.whole_line_problems
-            for i, fld, kind, reason, text in zip(res.bad.rows, res.bad.fields, res.bad.kinds, res.bad.reasons,
-                                                  res.texts):
-                line = first_line + i
-                quarantine.write(json.dumps({"file": uri, "line": line, "reason": reason, "field": fld,
-                                             "kind": kind, "text": text}) + "\n")
-                if len(st.first_bad) < 3:
-                    st.first_bad.append(f"line {line}: {reason}")
-            st.reasons.update(res.bad.kinds)
-            st.read += res.lines
-            st.quarantined += len(res.bad.rows)
-            st.written += res.lines - len(res.bad.rows)
-            first_line += res.lines
-            submit(res.tables)
+            lines = block.count(b"\n") + (not block.endswith(b"\n"))
+            in_flight.append((parse_pool.submit(_process_block, schema, block, row_base + lines_read, splitter,
+                                                 try_fast), first_line))
+            first_line += lines
+            lines_read += lines
+            while len(in_flight) > PARSE_AHEAD:
+                consume()
+        while in_flight:
+            consume()
