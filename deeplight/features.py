@@ -36,10 +36,11 @@ import json
 import math
 import os
 import shutil
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,7 @@ from deeplight.schema import DERIVATIONS, DatasetSchema, get_schema
 
 SPLITS = ("train", "valid", "test")
 BATCH_ROWS = 262_144  # rows per record batch read; bounds memory
+READ_THREADS = min(2, os.cpu_count() or 1)  # row groups read and mapped at once
 PART_ROWS = 1_048_576  # a new output part file after this many rows
 FORMAT_VERSION = 1
 # Output Parquet, uncompressed: delta/bit-packed ids are ~1/3 the size of plain int32 for vocab ids and cost
@@ -535,14 +537,22 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
     specs = [FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
     counters = [_Counts() for _ in specs]
     files = splits["train"]
+
+    def count(batch: pa.RecordBatch, path: Path, start: int) -> list[tuple[pa.Array, np.ndarray]]:
+        out = []
+        for f in specs:
+            keys, codes, valid = _field_keys(f, batch.column(f.source))
+            counts = np.bincount(codes if valid is None else codes[valid], minlength=len(keys))
+            keep = np.flatnonzero((counts > 0) & _valid_keys(keys))
+            out.append((keys.take(keep), counts[keep]))
+        return out
+
     with tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc="fit vocab", disable=None) as bar:
-        for path, _, batch in _read_ahead(_read_batches(files, schema, specs)):
-            for f, counter in zip(specs, counters):
-                keys, codes, valid = _field_keys(f, batch.column(f.source))
-                counts = np.bincount(codes if valid is None else codes[valid], minlength=len(keys))
-                keep = np.flatnonzero((counts > 0) & _valid_keys(keys))
-                counter.add(keys.take(keep), counts[keep])
-            bar.update(batch.num_rows)
+        for _, batches in _map_row_groups(files, schema, specs, count):
+            for rows, per_field in batches:
+                for counter, (keys, counts) in zip(counters, per_field):
+                    counter.add(keys, counts)
+                bar.update(rows)
     for f, counter in zip(specs, counters):
         f.vocab = counter.vocab(min_count)
         f.size = 2 + len(f.vocab)
@@ -599,47 +609,38 @@ def _write_split(fmap: FeatureMap, schema: DatasetSchema, files: list[Path], out
     out.mkdir(parents=True)
     out_schema = pa.schema([pa.field(n, pa.int32(), nullable=False) for n in fmap.field_names]
                            + [pa.field("label", pa.float32(), nullable=False)])
+    label_name = schema.label.name
+
+    def to_ids(batch: pa.RecordBatch, path: Path, start: int) -> pa.RecordBatch:
+        try:
+            ids = fmap.transform(batch)
+        except DeeplightError as e:
+            raise DeeplightError(f"{path}: {e}") from None
+        label = _labels(batch.column(label_name), path, start, label_name)
+        return pa.RecordBatch.from_arrays([pa.array(ids[:, j]) for j in range(ids.shape[1])] + [pa.array(label)],
+                                          schema=out_schema)
+
     parts: list[tuple[Path, int]] = []
     writer: pq.ParquetWriter | None = None
-    pending: Future | None = None
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="deeplight-write") as pool, \
-                tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc=f"features {split}",
-                     disable=None) as bar:
-            for path, start, batch in _read_ahead(_read_batches(files, schema, fmap.fields)):
-                try:
-                    ids = fmap.transform(batch)
-                except DeeplightError as e:
-                    raise DeeplightError(f"{path}: {e}") from None
-                label = _labels(batch.column(schema.label.name), path, start, schema.label.name)
-                arrays = [pa.array(ids[:, j]) for j in range(ids.shape[1])] + [pa.array(label)]
-                if pending is not None:
-                    pending.result()
-                if writer is None or parts[-1][1] >= PART_ROWS:
-                    if writer is not None:
-                        writer.close()
-                    parts.append((out / f"part-{len(parts):05d}.parquet", 0))
-                    writer = pq.ParquetWriter(parts[-1][0], out_schema, use_dictionary=["label"],
-                                              column_encoding=dict.fromkeys(fmap.field_names, _ID_ENCODING),
-                                              compression="none")
-                pending = pool.submit(writer.write_batch, pa.RecordBatch.from_arrays(arrays, schema=out_schema))
-                parts[-1] = (parts[-1][0], parts[-1][1] + batch.num_rows)
-                bar.update(batch.num_rows)
-            if pending is not None:
-                pending.result()
+        with tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc=f"features {split}",
+                  disable=None) as bar:
+            for _, batches in _map_row_groups(files, schema, fmap.fields, to_ids):
+                for rows, out_batch in batches:
+                    if writer is None or parts[-1][1] >= PART_ROWS:
+                        if writer is not None:
+                            writer.close()
+                        parts.append((out / f"part-{len(parts):05d}.parquet", 0))
+                        writer = pq.ParquetWriter(parts[-1][0], out_schema, use_dictionary=["label"],
+                                                  column_encoding=dict.fromkeys(fmap.field_names, _ID_ENCODING),
+                                                  compression="none")
+                    writer.write_batch(out_batch)
+                    parts[-1] = (parts[-1][0], parts[-1][1] + rows)
+                    bar.update(rows)
     finally:
         if writer is not None:
             writer.close()
     return parts
-
-
-def _read_ahead(items: Iterator[_T]) -> Iterator[_T]:
-    """`items`, with the next one fetched in a background thread while the caller works on the current one."""
-    with ThreadPoolExecutor(1, thread_name_prefix="deeplight-read") as pool:
-        ahead = pool.submit(next, items, None)
-        while (item := ahead.result()) is not None:
-            ahead = pool.submit(next, items, None)
-            yield item
 
 
 def _labels(col: pa.Array, path: Path, start: int, name: str) -> np.ndarray:
@@ -693,26 +694,52 @@ def _open_parquet(path: Path, read_dictionary: list[str] | None = None) -> pq.Pa
         raise DeeplightError(f"{path}: not a readable Parquet file ({e})") from None
 
 
-def _read_batches(files: list[Path], schema: DatasetSchema,
-                  fields: list[FieldSpec]) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
-    """(file, first row number, batch) for the columns the fields and the label need, cat columns as
-    dictionaries straight from Parquet's dictionary pages (so per-key work runs once per distinct value)."""
+def _map_row_groups(files: list[Path], schema: DatasetSchema, fields: list[FieldSpec],
+                    fn: Callable[[pa.RecordBatch, Path, int], _T]) -> Iterator[tuple[Path, list[tuple[int, _T]]]]:
+    """Apply fn(batch, file, first row of the batch in its file) to every batch of `files`, row groups in
+    parallel threads (Arrow and numpy release the GIL for the heavy parts); yields (file, [(rows, result), ...])
+    per row group, in file order. Reads only the columns the fields and the label need, cat columns as
+    dictionaries straight from Parquet's dictionary pages (so per-key work runs once per distinct value).
+    Memory: a few row groups at a time (ingest writes them at ~131k rows)."""
     label = schema.label.name
     columns = list(dict.fromkeys([f.source for f in fields] + [label]))
     cats = sorted({f.source for f in fields if f.kind == "cat"})
+    tasks: list[tuple[Path, list[str], int, int]] = []  # (file, dictionary columns, row group, first row)
     for path in files:
-        file_schema = _open_parquet(path).schema_arrow
+        meta = _open_parquet(path)
+        file_schema = meta.schema_arrow
         try:
             _check_columns(fields, file_schema, schema.name)
         except DeeplightError as e:
             raise DeeplightError(f"{path}: {e}") from None
         if label not in file_schema.names:
             raise DeeplightError(f"{path}: label column {label!r} of dataset {schema.name!r} is missing")
-        pf = _open_parquet(path, read_dictionary=[c for c in cats if _is_string_type(file_schema.field(c).type)])
+        dictionary = [c for c in cats if _is_string_type(file_schema.field(c).type)]
         start = 0
+        for g in range(meta.metadata.num_row_groups):
+            tasks.append((path, dictionary, g, start))
+            start += meta.metadata.row_group(g).num_rows
+
+    def run(task: tuple[Path, list[str], int, int]) -> list[tuple[int, _T]]:
+        path, dictionary, group, start = task
+        out = []
         try:
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                yield path, start, batch
+            pf = _open_parquet(path, read_dictionary=dictionary)
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns,
+                                         use_threads=False):
+                out.append((batch.num_rows, fn(batch, path, start)))
                 start += batch.num_rows
         except (pa.ArrowException, OSError) as e:
             raise DeeplightError(f"{path}: cannot read rows from {start} on ({e})") from None
+        return out
+
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="deeplight-features") as pool:
+        ahead: deque[tuple[Path, Future]] = deque()
+        for task in tasks:
+            ahead.append((task[0], pool.submit(run, task)))
+            if len(ahead) > READ_THREADS:
+                path, future = ahead.popleft()
+                yield path, future.result()
+        while ahead:
+            path, future = ahead.popleft()
+            yield path, future.result()
