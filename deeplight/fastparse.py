@@ -10,14 +10,16 @@ which finds, explains and quarantines the bad rows. Clean blocks are nearly all 
     >>> from deeplight.schema import get_schema
     >>> criteo = get_schema("criteo")
     >>> line = "\\t".join(["1", "-3"] + [""] * 12 + ["68fd1e64"] * 25 + [""])
-    >>> tables = parse_clean_block(criteo, (line + "\\n" + line + "\\n").encode(), np.array([0, 2], np.int8))
+    >>> tables = parse_clean_block(criteo, (line + "\\n" + line + "\\n").encode(), lambda n: np.array([0, 2]))
     >>> tables[0].column("I1").to_pylist(), tables[1] is None, tables[2].column("C26").to_pylist()
     ([-3], True, [None])
-    >>> parse_clean_block(criteo, (line.replace("-3", "x") + "\\n").encode(), np.zeros(1, np.int8)) is None
+    >>> parse_clean_block(criteo, (line.replace("-3", "x") + "\\n").encode(), np.zeros) is None
     True
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -139,6 +141,13 @@ if HAVE_NUMBA:
         return (True, labels, ints, int_valid, times, starts, lens)
 
     @numba.njit(cache=True, nogil=True)
+    def _count_newlines(buf):  # type: ignore[no-untyped-def]
+        n = 0
+        for b in buf:
+            n += b == 10
+        return n
+
+    @numba.njit(cache=True, nogil=True)
     def _take_rows(buf, labels, ints, int_valid, times, starts, lens, rows):  # type: ignore[no-untyped-def]
         """The selected lines' values, column-major: (labels, ints, int_valid, times, offsets, data, col_start,
         str_valid). String bytes are copied into one buffer holding the columns back to back (column c is
@@ -177,16 +186,25 @@ if HAVE_NUMBA:
         return labels_out, ints_out, valid_out, times_out, offsets, data, col_start, str_valid
 
 
+def count_lines(data: bytes) -> int:
+    """Lines in a block: newlines, plus a last line without one."""
+    if not data:
+        return 0
+    newlines = _count_newlines(np.frombuffer(data, np.uint8)) if HAVE_NUMBA else data.count(b"\n")
+    return int(newlines) + (data[-1] != 10)
+
+
 def _bitmaps(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a 2-D validity array: (Arrow bitmaps, one row of bytes each; null counts)."""
     return np.packbits(valid, axis=1, bitorder="little"), valid.shape[1] - np.count_nonzero(valid, axis=1)
 
 
-def parse_clean_block(schema: DatasetSchema, data: bytes, split_of: np.ndarray) -> list[pa.Table | None] | None:
+def parse_clean_block(schema: DatasetSchema, data: bytes, split_of: Callable[[int], np.ndarray]
+                      ) -> list[pa.Table | None] | None:
     """One table per split (None where the split gets no rows) of a block of whole lines, in the typed ingested
     layout (`deeplight.ingest.arrow_schema`); None if any line is not clean (see the module docstring).
 
-    split_of: the split index (0, 1, 2) of each line. Rows keep their order within a split.
+    split_of(n): the split index (0, 1, 2) of each of the block's n lines. Rows keep their order within a split.
     """
     if not HAVE_NUMBA or len(schema.delimiter.encode()) != 1:
         return None
@@ -201,8 +219,9 @@ def parse_clean_block(schema: DatasetSchema, data: bytes, split_of: np.ndarray) 
     buf = np.frombuffer(data, np.uint8)
     ok, labels, ints, int_valid, times, starts, lens = _scan(
         buf, np.uint8(ord(schema.delimiter)), kinds, slots, n_int, n_time, int(np.sum(is_str)))
-    if not ok or len(labels) != len(split_of):
+    if not ok:
         return None
+    split_of = split_of(len(labels))
     if n_time and not valid_yymmddhh(times).all():
         return None
     out_schema = arrow_schema(schema)

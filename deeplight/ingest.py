@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from deeplight.errors import DeeplightError
-from deeplight.fastparse import parse_clean_block
+from deeplight.fastparse import count_lines, parse_clean_block
 from deeplight.fsutil import atomic_output_dir, open_input, resolve, write_json
 from deeplight.schema import DatasetSchema, get_schema, valid_yymmddhh
 
@@ -445,10 +445,9 @@ def _process_block(schema: DatasetSchema, data: bytes, row_base: int,
     block with whole-line problems takes the exact path (count delimiters per line, parse only the good lines).
     """
     if compiled:  # clean blocks (nearly all) in one compiled pass; any doubt falls through to the checks below
-        n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
-        tables = parse_clean_block(schema, data, splitter(row_base + np.arange(n_lines)))
+        tables = parse_clean_block(schema, data, lambda n: splitter(row_base + np.arange(n)))
         if tables is not None:
-            return _BlockResult(n_lines, tables, _Bad(), [], False)
+            return _BlockResult(sum(t.num_rows for t in tables if t is not None), tables, _Bad(), [], False)
     buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
     ends = nl if buf[-1] == 10 else np.append(nl, len(buf))  # a last line may lack its newline
@@ -754,7 +753,7 @@ def _ingest_input(schema: DatasetSchema, uri: str, st: _InputStats, row_base: in
                     block, first_line = block[cut:], 2
                 if not block:
                     continue
-            lines = block.count(b"\n") + (not block.endswith(b"\n"))
+            lines = count_lines(block)
             in_flight.append((parse_pool.submit(_process_block, schema, block, row_base + lines_read, splitter,
                                                  try_fast), first_line))
             first_line += lines
