@@ -67,7 +67,7 @@ BLOCK_BYTES = 16 << 20  # raw bytes parsed at once: ~70k Criteo rows
 PART_ROWS = 1_000_000  # rows per Parquet part file
 ROW_GROUP_ROWS = 131_072  # rows buffered per split before a row group is written
 MAX_TEXT = 2000  # characters of a bad line kept in the quarantine
-COMPRESSION = "zstd"
+COMPRESSION = "snappy"  # vs zstd: 55 vs 43 bytes/row, 15% less CPU to write and to read back
 PARSE_THREADS = min(2, os.cpu_count() or 1)  # blocks parsed at once (the compiled parser releases the GIL)
 PARSE_AHEAD = 2  # blocks parsed ahead of the one being consumed: bounds memory
 
