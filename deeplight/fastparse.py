@@ -186,7 +186,7 @@ if HAVE_NUMBA:
         return labels_out, ints_out, valid_out, times_out, offsets, data, col_start, str_valid
 
 
-def count_lines(data: bytes) -> int:
+def count_lines(data: bytes | bytearray) -> int:
     """Lines in a block: newlines, plus a last line without one."""
     if not data:
         return 0
@@ -199,7 +199,7 @@ def _bitmaps(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.packbits(valid, axis=1, bitorder="little"), valid.shape[1] - np.count_nonzero(valid, axis=1)
 
 
-def parse_clean_block(schema: DatasetSchema, data: bytes, split_of: Callable[[int], np.ndarray]
+def parse_clean_block(schema: DatasetSchema, data: bytes | bytearray, split_of: Callable[[int], np.ndarray]
                       ) -> list[pa.Table | None] | None:
     """One table per split (None where the split gets no rows) of a block of whole lines, in the typed ingested
     layout (`deeplight.ingest.arrow_schema`); None if any line is not clean (see the module docstring).

@@ -360,26 +360,31 @@ def sequential_splits(total: int, rows: np.ndarray, split: tuple[float, float, f
 # --- reading ------------------------------------------------------------------------------------------------
 
 def _blocks(stream: pa.NativeFile, uri: str, block_size: int, progress: Callable[[int], object]
-            ) -> Iterator[bytes]:
-    """Blocks of whole lines (each ends with a newline, except perhaps the file's last); a long line is carried."""
+            ) -> Iterator[bytearray]:
+    """Blocks of whole lines (each ends with a newline, except perhaps the file's last); a long line is carried.
+
+    Each block is a fresh bytearray filled by one read straight from the stream: the only other copy is of the
+    partial line carried into the next block.
+    """
     carry = b""
     while True:
+        buf = bytearray(len(carry) + block_size)
+        buf[:len(carry)] = carry
         try:
-            chunk = stream.read(block_size)
+            got = stream.readinto(memoryview(buf)[len(carry):])
         except OSError as e:
             raise DeeplightError(f"{uri}: cannot read ({e})") from None
-        if not chunk:
+        if not got:
             break
-        progress(len(chunk))
-        buf = carry + chunk if carry else chunk
-        cut = buf.rfind(b"\n") + 1
-        if cut == 0:
-            carry = buf
-            continue
-        yield buf[:cut] if cut < len(buf) else buf
-        carry = buf[cut:]
+        progress(got)
+        end = len(carry) + got
+        cut = buf.rfind(b"\n", 0, end) + 1
+        carry = bytes(buf[cut:end]) if cut else bytes(buf[:end])
+        if cut:
+            del buf[cut:]
+            yield buf
     if carry:
-        yield carry
+        yield bytearray(carry)
 
 
 def _count_rows(uri: str, header: bool, block_size: int) -> int:
@@ -427,7 +432,7 @@ def _read_strings(schema: DatasetSchema, data: bytes | memoryview | np.ndarray, 
     )
 
 
-def _decodes(data: bytes) -> bool:
+def _decodes(data: bytes | bytearray) -> bool:
     try:
         data.decode("utf-8")
         return True
@@ -435,7 +440,7 @@ def _decodes(data: bytes) -> bool:
         return False
 
 
-def _process_block(schema: DatasetSchema, data: bytes, row_base: int,
+def _process_block(schema: DatasetSchema, data: bytes | bytearray, row_base: int,
                    splitter: Callable[[np.ndarray], np.ndarray], try_fast: bool = True, compiled: bool = True
                    ) -> _BlockResult:
     """Check, parse, validate and split one block of whole lines. Line i of the block is data row row_base + i.
