@@ -41,9 +41,9 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 def cmd_ingest(a: argparse.Namespace) -> None:
     from deeplight.ingest import ingest
-    from deeplight.memory import use_jemalloc
+    from deeplight.memory import tune_allocators
 
-    use_jemalloc()
+    tune_allocators()
     report = ingest(a.dataset, a.input, a.out, split=a.split, split_mode=a.split_mode, seed=a.seed,
                     max_bad_fraction=a.max_bad_fraction)
     _print_json(report)
@@ -51,18 +51,18 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
 def cmd_hash(a: argparse.Namespace) -> None:
     from deeplight.features import hash_dataset
-    from deeplight.memory import use_jemalloc
+    from deeplight.memory import tune_allocators
 
-    use_jemalloc()
+    tune_allocators()
     min_count = None if a.buckets is not None else a.min_count
     _print_json(hash_dataset(a.input, a.out, buckets=a.buckets, min_count=min_count))
 
 
 def cmd_apply_features(a: argparse.Namespace) -> None:
     from deeplight.features import FeatureMap, apply_feature_map
-    from deeplight.memory import use_jemalloc
+    from deeplight.memory import tune_allocators
 
-    use_jemalloc()
+    tune_allocators()
     _print_json(apply_feature_map(FeatureMap.load(a.feature_map), a.input, a.out))
 
 

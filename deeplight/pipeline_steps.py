@@ -214,9 +214,9 @@ def _record_error(parent_run_id: str, message: str) -> None:
 def ingest_step(input_uris: list[str], config_json: str, out_dir: str, parent_run_id: str) -> dict[str, Any]:
     """Raw files (local or s3://) -> typed Parquet splits in out_dir; child run `ingest`."""
     from deeplight.ingest import ingest
-    from deeplight.memory import use_jemalloc
+    from deeplight.memory import tune_allocators
 
-    use_jemalloc()
+    tune_allocators()
     with step("ingest", parent_run_id):
         cfg = _config(config_json)
         if isinstance(input_uris, str):
@@ -239,9 +239,9 @@ def ingest_step(input_uris: list[str], config_json: str, out_dir: str, parent_ru
 def hash_step(ingested_dir: str, config_json: str, out_dir: str, parent_run_id: str) -> dict[str, Any]:
     """Fit the feature map on the train split and write feature ids; child run `hash_features`."""
     from deeplight.features import hash_dataset
-    from deeplight.memory import use_jemalloc
+    from deeplight.memory import tune_allocators
 
-    use_jemalloc()
+    tune_allocators()
     with step("hash_features", parent_run_id):
         cfg = _config(config_json)
         with _tracker(parent_run_id, "hash_features").run("hash_features") as log:
