@@ -35,6 +35,11 @@ The serving path validates raw rows with the same code (`parse_string_table`, `p
     Traceback (most recent call last):
     deeplight.errors.DeeplightError: row 1, field 'I2': non-integer in integer field 'I2': '0x1'
 
+Speed: a block whose every line is clean (nearly all of a real file) is parsed, checked and split in one
+compiled pass (`deeplight.fastparse`); any other block takes the exact path below (pyarrow's CSV reader and
+vectorised checks), which finds and explains its bad rows. Two blocks are parsed at once and a third thread
+writes Parquet; results are consumed in file order, so the output does not depend on the threads.
+
 Split modes: `random` assigns each data row from a counter-based hash of (seed, global row index), so the result
 does not depend on block size; `sequential` cuts by position (first 80% train, ..., last rows test) and so needs
 the row count first: a cheap newline-counting pass, which means s3:// and .gz inputs are read twice.

@@ -19,8 +19,8 @@ def tune_allocators() -> dict:
     """Keep freed memory for reuse instead of returning it to the OS; returns what was set.
 
     Why: the default allocators hand each block's freed arrays back to the OS and fault them in again for the
-    next one (with transparent huge pages, each fault has the kernel zero 2 MB): a quarter of the hash step's
-    CPU went to clearing pages. Arrow's pool becomes jemalloc (when the build has it), and glibc's malloc,
+    next one (with transparent huge pages, each fault has the kernel zero 2 MB): 14-26% of the hash step's CPU
+    went to clearing pages (perf). Arrow's pool becomes jemalloc (when the build has it), and glibc's malloc,
     which numpy uses, serves arrays up to 32 MB from its heap and trims it only above 256 MB free.
     On 2M Criteo rows (alternating runs): ingest 3.4-3.6 -> 3.2 s, hash 2.55-2.77 -> 2.3 s, peak RSS +40-100 MB.
     Process-wide, so it is called by the data-step entry points (CLI handlers, pipeline steps), not the library.
