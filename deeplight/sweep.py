@@ -402,9 +402,22 @@ class TrialLogger:
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_stale(self, study: Any, trial: Any) -> None:
-        """Heartbeat-stale callback: the trial was just marked FAIL because its worker stopped beating."""
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
+        """Heartbeat-stale callback: the trial was just marked FAIL because its worker stopped beating.
+
+        A worker can die after opening the trial's run but before recording its id in the trial, so the run is
+        also looked up by its tags (study, parent run, trial number); without that it would stay RUNNING.
+        """
+        from deeplight.tracking import PARENT_TAG
+
+        run_ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
+        if not run_ids:
+            found = self.client.search_runs(
+                [self.tracker.experiment_id],
+                filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in {
+                    "optuna.study": self.tags.get("optuna.study", ""), PARENT_TAG: self.parent_run_id,
+                    "optuna.trial_number": str(trial.number), "deeplight.step": "sweep_trial"}.items()))
+            run_ids = {r.info.run_id for r in found}
+        for run_id in sorted(run_ids):
             self.client.set_tag(run_id, "optuna.state", "FAIL (worker died: heartbeat stale)")
             self.client.set_terminated(run_id, status="FAILED")
 

@@ -245,7 +245,9 @@ def test_a_killed_sweep_resumes_keeps_finished_trials_and_fails_the_killed_one(s
                 trials = _study(swept, "resume", url).get_trials()
             except DeeplightError:
                 continue  # not created yet
-            running = [t for t in trials if t.state.name == "RUNNING" and t.params]
+            # Killed once its MLflow run is open, so that the run's end can be checked below (a kill before
+            # that is test_stale_trial_without_a_recorded_run_is_failed_by_its_tags).
+            running = [t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs]
             if running and any(t.state.name == "COMPLETE" for t in trials):
                 victim = running[0]
         proc.send_signal(signal.SIGKILL)
@@ -273,6 +275,46 @@ def test_a_killed_sweep_resumes_keeps_finished_trials_and_fails_the_killed_one(s
                for t in trials)
     assert swept.client.get_run(parent).info.status == "FINISHED"
     assert json.loads(again.stdout)["states"] == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_stale_trial_without_a_recorded_run_is_failed_by_its_tags(mlflow_store, tmp_path):
+    """A worker that dies after opening a trial's MLflow run but before recording its id in the trial: the
+    stale-trial callback still finds the run (by study, parent and trial number) and fails it, and leaves
+    another study's run with the same trial number alone."""
+    from deeplight.sweep import TrialLogger
+    from deeplight.tracking import MlflowTracker
+
+    tracker = MlflowTracker("stale-runs")
+    parent = tracker.client.create_run(tracker.experiment_id, run_name="sweep").info.run_id
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    runs = {}
+    for name in ("dies", "other"):
+        logger = TrialLogger("stale-runs", parent, {"optuna.study": name, "optuna.storage": "sqlite"})
+        study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+        trial = study.ask()
+        if name == "dies":
+            def die(key, value):
+                raise KeyboardInterrupt  # the worker is killed right after create_run
+
+            trial.set_user_attr = die
+            with pytest.raises(KeyboardInterrupt):
+                with logger.child_run(trial):
+                    pass
+            dying = (logger, study)
+        else:
+            with logger.child_run(trial):
+                pass  # opened and recorded; still RUNNING (its callback closes it)
+        found = tracker.client.search_runs([tracker.experiment_id],
+                                           filter_string=f"tags.`optuna.study` = '{name}'")
+        assert len(found) == 1 and found[0].info.status == "RUNNING"
+        runs[name] = found[0].info.run_id
+    logger, study = dying
+    frozen = study.trials[0]
+    assert "mlflow_run_id" not in frozen.user_attrs
+    logger.on_stale(study, frozen)
+    dead = tracker.client.get_run(runs["dies"])
+    assert dead.info.status == "FAILED" and dead.data.tags["optuna.state"].startswith("FAIL (worker died")
+    assert tracker.client.get_run(runs["other"]).info.status == "RUNNING"
 
 
 # --- two workers on PostgreSQL ---------------------------------------------------------------------------------
