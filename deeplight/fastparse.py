@@ -13,7 +13,7 @@ which finds, explains and quarantines the bad rows. Clean blocks are nearly all 
     >>> tables = parse_clean_block(criteo, (line + "\\n" + line + "\\n").encode(), lambda n: np.array([0, 2]))
     >>> tables[0].column("I1").to_pylist(), tables[1] is None, tables[2].column("C26").to_pylist()
     ([-3], True, [None])
-    >>> parse_clean_block(criteo, (line.replace("-3", "x") + "\\n").encode(), np.zeros) is None
+    >>> parse_clean_block(criteo, (line.replace("-3", "x") + "\\n").encode(), lambda n: np.zeros(n)) is None
     True
 """
 
@@ -206,7 +206,7 @@ def parse_clean_block(schema: DatasetSchema, data: bytes | bytearray, split_of: 
 
     split_of(n): the split index (0, 1, 2) of each of the block's n lines. Rows keep their order within a split.
     """
-    if not HAVE_NUMBA or len(schema.delimiter.encode()) != 1:
+    if not HAVE_NUMBA or len(schema.delimiter.encode()) != 1 or len(data) >= 2**31:  # int32 string offsets
         return None
     from deeplight.ingest import arrow_schema  # ingest imports this module
 

@@ -603,8 +603,8 @@ def _write_split(fmap: FeatureMap, schema: DatasetSchema, files: list[Path], out
                  split: str) -> list[tuple[Path, int]]:
     """Stream `files` through fmap.transform into part-NNNNN.parquet files; returns (path, rows) per part.
 
-    Reading the next batch and writing the previous one run in threads (Arrow releases the GIL), so the
-    three stages overlap; at most three batches are in memory.
+    Row groups are read and mapped to ids in `_map_row_groups`' threads while this thread writes the finished
+    ones in file order; a few row groups are in memory at a time.
     """
     out.mkdir(parents=True)
     out_schema = pa.schema([pa.field(n, pa.int32(), nullable=False) for n in fmap.field_names]
