@@ -28,6 +28,9 @@ from deeplight.schema import DatasetSchema, valid_yymmddhh
 
 try:
     import numba
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a pinned dependency; ingest then uses its exact path only
@@ -39,6 +42,47 @@ _MAX_DIGITS = 18  # any 18-digit integer fits int64; longer ones go to the exact
 
 
 if HAVE_NUMBA:
+    def _u64_pointer(context, builder, aryty, ary_value, idx):  # type: ignore[no-untyped-def]
+        ary = context.make_array(aryty)(context, builder, ary_value)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx], wraparound=False)
+        return builder.bitcast(ptr, ir.IntType(64).as_pointer())
+
+    @intrinsic
+    def _load8(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+        """The 8 bytes arr[idx:idx + 8] of a uint8 array as one (unaligned, native-endian) uint64 load; the
+        caller guarantees idx + 8 <= len(arr)."""
+        if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(idx, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.load(_u64_pointer(context, builder, signature.args[0], args[0], args[1]), align=1)
+
+        return types.uint64(arr, idx), codegen
+
+    @intrinsic
+    def _store8(typingctx, arr, idx, value):  # type: ignore[no-untyped-def]
+        """arr[idx:idx + 8] = the 8 bytes of `value` (the inverse of _load8)."""
+        if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(idx, types.Integer)
+                and value == types.uint64):
+            return None
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            builder.store(args[2], _u64_pointer(context, builder, signature.args[0], args[0], args[1]), align=1)
+            return context.get_dummy_value()
+
+        return types.void(arr, idx, value), codegen
+
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _copy(dst, p, src, s, n):  # type: ignore[no-untyped-def]
+        """dst[p:p + n] = src[s:s + n], 8 bytes at a time (most values here are 8-hex-digit strings)."""
+        k = 0
+        while k + 8 <= n:
+            _store8(dst, p + k, _load8(src, s + k))
+            k += 8
+        while k < n:
+            dst[p + k] = src[s + k]
+            k += 1
+
     @numba.njit(cache=True, nogil=True, inline="always")
     def _digits(buf, first, end):  # type: ignore[no-untyped-def]
         """The value of the decimal digits buf[first:end] (at most 18 of them), or -1 if any byte is not a digit."""
@@ -178,8 +222,7 @@ if HAVE_NUMBA:
                 times_out[c, j] = times[r, c]
             for c in range(n_str):
                 s, ln, p = starts[r, c], lens[r, c], fill[c]
-                for k in range(ln):
-                    data[p + k] = buf[s + k]
+                _copy(data, p, buf, s, ln)
                 fill[c] = p + ln
                 offsets[c, j + 1] = p + ln - col_start[c]
                 str_valid[c, j] = ln > 0
