@@ -49,8 +49,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
