@@ -95,6 +95,13 @@ if HAVE_NUMBA:
         return v
 
     @numba.njit(cache=True, nogil=True)
+    def _count_newlines(buf):  # type: ignore[no-untyped-def]
+        n = 0
+        for b in buf:
+            n += b == 10
+        return n
+
+    @numba.njit(cache=True, nogil=True)
     def _scan(buf, delim, kinds, slots, n_int, n_time, n_str):  # type: ignore[no-untyped-def]
         """Parse every line of `buf`; returns (ok, labels, ints, int_valid, times, starts, lens), each 2-D
         output (lines x columns of its kind).
@@ -106,9 +113,7 @@ if HAVE_NUMBA:
         special[delim] = special[10] = special[13] = True
         special[128:] = True
         size = len(buf)
-        n = 0
-        for k in range(size):
-            n += buf[k] == 10
+        n = _count_newlines(buf)
         if size and buf[size - 1] != 10:
             n += 1  # a last line without its newline
         ncols = len(kinds)
@@ -183,13 +188,6 @@ if HAVE_NUMBA:
             if col != ncols:
                 return bad
         return (True, labels, ints, int_valid, times, starts, lens)
-
-    @numba.njit(cache=True, nogil=True)
-    def _count_newlines(buf):  # type: ignore[no-untyped-def]
-        n = 0
-        for b in buf:
-            n += b == 10
-        return n
 
     @numba.njit(cache=True, nogil=True)
     def _take_rows(buf, labels, ints, int_valid, times, starts, lens, rows):  # type: ignore[no-untyped-def]
