@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from deeplight.arrays import from_numpy
 from deeplight.schema import DatasetSchema, valid_yymmddhh
 
 try:
@@ -281,9 +282,9 @@ def parse_clean_block(schema: DatasetSchema, data: bytes | bytearray, split_of: 
         for c, col in enumerate(schema.columns):
             slot = int(slots[c])
             if col.kind == "label":
-                arrays.append(pa.array(labels_s))
+                arrays.append(from_numpy(labels_s))
             elif col.kind == "time":
-                arrays.append(pa.array(times_s[slot]))
+                arrays.append(from_numpy(times_s[slot]))
             elif col.kind == "int":
                 nulls = int(int_nulls[slot])
                 arrays.append(pa.Array.from_buffers(pa.int64(), m, [pa.py_buffer(int_bits[slot]) if nulls else None,

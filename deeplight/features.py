@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from deeplight.arrays import from_numpy, string_array, to_numpy
 from deeplight.errors import DeeplightError
 from deeplight.fsutil import atomic_output_dir, fingerprint_files, read_json, write_json
 from deeplight.schema import DERIVATIONS, DatasetSchema, get_schema
@@ -186,7 +187,7 @@ def _small_table() -> np.ndarray:
 @functools.cache
 def _int_base_keys() -> pa.Array:
     """Keys "-1024" .. "1906": t(x) of every int64 x >= -1024, in order, so that code = t(x) + _NEG."""
-    return pa.array(np.arange(-_NEG, len(_log_sq_thresholds()) + 1)).cast(pa.string())
+    return from_numpy(np.arange(-_NEG, len(_log_sq_thresholds()) + 1)).cast(pa.string())
 
 
 def _log_sq_large(x: np.ndarray) -> np.ndarray:
@@ -220,7 +221,7 @@ def _int_codes(x: np.ndarray, valid: np.ndarray | None) -> tuple[pa.Array, np.nd
         if not big.all():
             extra, inverse = np.unique(xr[~big], return_inverse=True)
             codes[rare[~big]] = len(keys) + inverse
-            keys = pa.concat_arrays([keys, pa.array(extra).cast(pa.string())])
+            keys = pa.concat_arrays([keys, from_numpy(extra).cast(pa.string())])
     return keys, codes, valid
 
 
@@ -228,7 +229,7 @@ def int_transform(x: np.ndarray) -> np.ndarray:
     """t(x) = floor(ln(x)^2) if x > 2 else x, exactly as Python's math computes it, vectorised (int64)."""
     x = np.asarray(x, dtype=np.int64)
     keys, codes, _ = _int_codes(x, None)
-    return np.asarray(keys.cast(pa.int64()))[codes]
+    return to_numpy(keys.cast(pa.int64()))[codes]
 
 
 # --- the feature map -------------------------------------------------------------------------------------
@@ -394,9 +395,9 @@ class FeatureMap:
         else:
             vocab = self._cache.get(("vocab", j))
             if vocab is None:
-                vocab = self._cache[("vocab", j)] = pa.array(f.vocab, pa.string())
+                vocab = self._cache[("vocab", j)] = string_array(f.vocab)
             pos = pc.index_in(keys.cast(pa.string()), value_set=vocab)
-            lut = (np.asarray(pos.fill_null(-1)) + 2).astype(np.int32)  # absent -> -1 + 2 = 1 (OOV)
+            lut = (to_numpy(pos, fill=-1) + 2).astype(np.int32)  # absent -> -1 + 2 = 1 (OOV)
         if len(keys):
             lut[~_valid_keys(keys)] = 0
         self._cache[("lut", j)] = (keys, lut)
@@ -440,7 +441,7 @@ def _valid_keys(keys: pa.Array) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     if pa.types.is_null(keys.type):
         return np.zeros(len(keys), dtype=bool)
-    return np.asarray(pc.fill_null(pc.greater(pc.binary_length(keys), 0), False))
+    return to_numpy(pc.binary_length(keys), fill=0) > 0
 
 
 def _field_keys(f: FieldSpec, col: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray | None]:
@@ -452,7 +453,7 @@ def _field_keys(f: FieldSpec, col: pa.Array) -> tuple[pa.Array, np.ndarray, np.n
     """
     n = len(col)
     if pa.types.is_null(col.type) or n == 0:
-        return pa.array([], pa.string()), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+        return pa.nulls(0, pa.string()), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
     if f.kind == "cat":
         if not pa.types.is_dictionary(col.type):
             col = pc.dictionary_encode(col)
@@ -470,9 +471,9 @@ def _dense_codes(values: np.ndarray) -> tuple[pa.Array, np.ndarray]:
     """Small non-negative derived ints: every integer in [min, max] is a key, code = value - min."""
     lo, hi = int(values.min()), int(values.max())
     if hi - lo < max(4096, len(values)):
-        return pa.array(np.arange(lo, hi + 1, dtype=np.int64)).cast(pa.string()), values - lo
+        return from_numpy(np.arange(lo, hi + 1, dtype=np.int64)).cast(pa.string()), values - lo
     keys, codes = np.unique(values, return_inverse=True)
-    return pa.array(keys).cast(pa.string()), codes
+    return from_numpy(keys).cast(pa.string()), codes
 
 
 def _valid_mask(arr: pa.Array) -> np.ndarray | None:
@@ -488,7 +489,7 @@ def _valid_mask(arr: pa.Array) -> np.ndarray | None:
 
 def _values(arr: pa.Array, widen: bool = True) -> np.ndarray:
     """The values buffer of an integer array, zero-copy (as int64 if `widen`); null slots hold arbitrary values."""
-    dtype = np.dtype(arr.type.to_pandas_dtype())
+    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(arr.type) else 'u'}{arr.type.bit_width // 8}")
     data = np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
     return data.astype(np.int64, copy=False) if widen else data
 
@@ -496,29 +497,37 @@ def _values(arr: pa.Array, widen: bool = True) -> np.ndarray:
 # --- fitting ---------------------------------------------------------------------------------------------
 
 class _Counts:
-    """key -> count for one field, merged across batches; compacted by a group-by when pending rows pile up."""
+    """key -> count for one field, merged across batches; compacted when pending keys pile up."""
 
     def __init__(self) -> None:
-        self.parts: list[pa.Table] = []
+        self.keys: list[pa.Array] = []
+        self.counts: list[np.ndarray] = []
         self.pending = 0
         self.compacted = 0
 
     def add(self, keys: pa.Array, counts: np.ndarray) -> None:
-        self.parts.append(pa.table({"key": keys.cast(pa.string()), "count": counts.astype(np.int64)}))
+        self.keys.append(keys.cast(pa.string()))
+        self.counts.append(counts.astype(np.int64, copy=False))
         self.pending += len(keys)
         if self.pending > max(1 << 20, 2 * self.compacted):
             self.compact()
 
-    def compact(self) -> pa.Table:
-        t = pa.concat_tables(self.parts) if self.parts else pa.table(
-            {"key": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        t = t.group_by("key", use_threads=False).aggregate([("count", "sum")])  # threads cost more than they save
-        t = pa.table({"key": t["key"], "count": t["count_sum"]})
-        self.parts, self.pending, self.compacted = [t], t.num_rows, t.num_rows
-        return t
+    def compact(self) -> tuple[pa.Array, np.ndarray]:
+        """(distinct keys, their summed counts)."""
+        keys = pa.concat_arrays(self.keys) if self.keys else pa.nulls(0, pa.string())
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
+        if len(self.keys) > 1:
+            enc = pc.dictionary_encode(keys)
+            # float64 sums are exact below 2^53, far above any row count
+            counts = np.bincount(to_numpy(enc.indices), weights=counts, minlength=len(enc.dictionary)).astype(np.int64)
+            keys = enc.dictionary
+        self.keys, self.counts, self.pending, self.compacted = [keys], [counts], len(keys), len(keys)
+        return keys, counts
 
     def vocab(self, min_count: int) -> list[str]:
-        t = self.compact().filter(pc.greater_equal(pc.field("count"), min_count))
+        keys, counts = self.compact()
+        keep = from_numpy(np.flatnonzero(counts >= min_count))
+        t = pa.Table.from_arrays([keys.take(keep), from_numpy(counts).take(keep)], names=["key", "count"])
         order = pc.sort_indices(t, sort_keys=[("count", "descending"), ("key", "ascending")])
         return t["key"].take(order).to_pylist()
 
@@ -544,7 +553,7 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
             keys, codes, valid = _field_keys(f, batch.column(f.source))
             counts = np.bincount(codes if valid is None else codes[valid], minlength=len(keys))
             keep = np.flatnonzero((counts > 0) & _valid_keys(keys))
-            out.append((keys.take(keep), counts[keep]))
+            out.append((keys.take(from_numpy(keep)), counts[keep]))
         return out
 
     with tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc="fit vocab", disable=None) as bar:
@@ -617,7 +626,7 @@ def _write_split(fmap: FeatureMap, schema: DatasetSchema, files: list[Path], out
         except DeeplightError as e:
             raise DeeplightError(f"{path}: {e}") from None
         label = _labels(batch.column(label_name), path, start, label_name)
-        return pa.RecordBatch.from_arrays([pa.array(ids[:, j]) for j in range(ids.shape[1])] + [pa.array(label)],
+        return pa.RecordBatch.from_arrays([from_numpy(ids[:, j]) for j in range(ids.shape[1])] + [from_numpy(label)],
                                           schema=out_schema)
 
     parts: list[tuple[Path, int]] = []

@@ -61,6 +61,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from deeplight.arrays import from_numpy, to_numpy
 from deeplight.errors import DeeplightError
 from deeplight.fastparse import count_lines, parse_clean_block
 from deeplight.fsutil import atomic_output_dir, open_input, resolve, write_json
@@ -134,7 +135,7 @@ class _Strings:
         offsets = np.frombuffer(bufs[1], dtype=np.int64 if itemsize == 8 else np.int32, count=n + 1,
                                 offset=arr.offset * itemsize) if n else np.zeros(1, np.int64)
         data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-        valid = np.ones(n, bool) if arr.null_count == 0 else np.asarray(arr.is_valid(), dtype=bool)
+        valid = np.ones(n, bool) if arr.null_count == 0 else to_numpy(arr.is_valid())
         return cls(arr, offsets.astype(np.int64, copy=False), data, valid)
 
     @property
@@ -196,7 +197,7 @@ def _convert_column(kind: str, name: str, arr: pa.Array, may_be_null: bool
         fb = s.first_byte()
         ok = s.valid & (lengths == 1) & ((fb == ord("0")) | (fb == ord("1")))
         checks.append((~ok & ~null_ok, "bad_label", lambda v: f"label {name!r} must be 0 or 1, got {_show(v)}"))
-        typed = pa.array((fb - ord("0")).astype(np.int8), mask=~ok)
+        typed = from_numpy((fb - ord("0")).astype(np.int8), mask=~ok)
     elif kind == "int":
         present = s.valid & (lengths > 0)
         bad = present & (s.rows_with(_NOT_INT_BYTE) | s.minus_misplaced())
@@ -210,11 +211,11 @@ def _convert_column(kind: str, name: str, arr: pa.Array, may_be_null: bool
         typed = s.with_validity(present & ~bad & ~overflow).cast(pa.int64())
     elif kind == "time":
         ok = s.valid & (lengths == 8) & ~s.rows_with(_NOT_DIGIT)
-        values = s.with_validity(ok).cast(pa.int64()).fill_null(0).to_numpy()
+        values = to_numpy(s.with_validity(ok).cast(pa.int64()), fill=0)
         ok &= valid_yymmddhh(values)
         checks.append((~ok & ~null_ok, "bad_time",
                        lambda v: f"bad time value in field {name!r}: {_show(v)} (want YYMMDDHH, a real date and hour)"))
-        typed = pa.array(values, pa.int64(), mask=~ok)
+        typed = from_numpy(values.astype(np.int64, copy=False), mask=~ok)
     elif kind == "cat":
         typed = s.with_validity(s.valid & (lengths > 0))  # empty -> null
     else:  # id: kept as is
@@ -261,12 +262,12 @@ def _validate(schema: DatasetSchema, table: pa.Table, optional: Collection[str] 
             new = np.flatnonzero(mask & ~marked)  # report a row once, at its first failing column
             if len(new):
                 marked[new] = True
-                for i, value in zip(new.tolist(), strings.take(pa.array(new)).to_pylist()):
+                for i, value in zip(new.tolist(), strings.take(from_numpy(new)).to_pylist()):
                     bad.add(i, col.name, kind, message(value))
     typed = pa.Table.from_arrays(columns, schema=arrow_schema(schema))
     if bad.rows:
         if drop_bad:
-            typed = typed.filter(pa.array(~marked))
+            typed = typed.filter(from_numpy(~marked))
     return typed, bad.sorted()
 
 
@@ -517,7 +518,7 @@ def _process_block(schema: DatasetSchema, data: bytes | bytearray, row_base: int
             if table.num_rows != len(good_lines):
                 raise RuntimeError(f"parser saw {table.num_rows} rows in {len(good_lines)} checked lines")
         else:
-            table = pa.table({name: pa.array([], pa.string()) for name in schema.names})
+            table = pa.table({name: pa.nulls(0, pa.string()) for name in schema.names})
 
     typed, vbad = _validate(schema, table, drop_bad=False)  # one filter per split below drops the bad rows
     split_of = splitter(row_base + good_lines)
@@ -534,7 +535,7 @@ def _process_block(schema: DatasetSchema, data: bytes | bytearray, row_base: int
         tables[int(present[0])] = typed
     else:
         for s in present[present >= 0].tolist():
-            tables[s] = typed.filter(pa.array(split_of == s))
+            tables[s] = typed.filter(from_numpy(split_of == s))
     return _BlockResult(n, tables, bad, texts, bool(struct.rows))
 
 
