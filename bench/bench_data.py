@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/bench_data.py --rows 2000000 8000000 --pandas-rows 2000000
 
-Each measured step runs in a fresh subprocess so that its peak RSS (ru_maxrss from wait4) is its own.
+Each measured step runs in a fresh subprocess so that its peak RSS (ru_maxrss from wait4) is its own. Each
+implementation runs --repeat times, interleaved with the other; the table shows median times, every run's total
+and the highest peak RSS.
 The pandas version reads the whole file (that is what a plain pandas script does), validates the label and int
 columns, splits 80/10/10 at random, fits a min-count vocabulary on train and maps every split, and writes Parquet.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[2_000_000, 8_000_000])
     ap.add_argument("--pandas-rows", type=int, default=2_000_000, help="rows for the pandas run (0: skip)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each implementation, interleaved; the table shows medians (the machine is noisy)")
     ap.add_argument("--work", default=None, help="scratch dir (default: a temp dir)")
     ap.add_argument("--out", default=str(HERE / "out" / "data.json"))
     a = ap.parse_args()
@@ -82,28 +87,43 @@ def main() -> None:
         if not raw.exists():
             t, _ = run_measured([PY, "-m", "deeplight.cli", "synth", "--rows", str(rows), "--out", str(raw)], env)
             print(f"synth {rows:,} rows: {t:.1f}s ({rows / t:,.0f} rows/s)")
-        t_ing, rss_ing = run_measured([PY, "-m", "deeplight.cli", "ingest", "--input", str(raw), "--out",
-                                       str(work / f"ing_{rows}")], env)
-        t_hash, rss_hash = run_measured([PY, "-m", "deeplight.cli", "hash", "--input", str(work / f"ing_{rows}"),
-                                         "--out", str(work / f"hash_{rows}")], env)
-        row = {"impl": "deeplight", "rows": rows, "ingest_s": t_ing, "hash_s": t_hash,
-               "rows_per_s": rows / (t_ing + t_hash), "peak_rss_mib": max(rss_ing, rss_hash),
-               "raw_mib": raw.stat().st_size / 2**20}
-        results.append(row)
-        print(json.dumps(row))
-        if rows == a.pandas_rows:
-            out = work / f"pandas_{rows}"
-            out.mkdir(exist_ok=True)
-            t_pd, rss_pd = run_measured([PY, "-c", PANDAS_SCRIPT, str(raw), str(out), "8"], env)
-            row = {"impl": "pandas", "rows": rows, "total_s": t_pd, "rows_per_s": rows / t_pd,
-                   "peak_rss_mib": rss_pd}
+        runs: dict[str, list[dict]] = {"deeplight": [], "pandas": []}
+        for _ in range(a.repeat):  # interleaved, so that a noisy spell hits both alike
+            t_ing, rss_ing = run_measured([PY, "-m", "deeplight.cli", "ingest", "--input", str(raw), "--out",
+                                           str(work / f"ing_{rows}")], env)
+            t_hash, rss_hash = run_measured([PY, "-m", "deeplight.cli", "hash", "--input",
+                                             str(work / f"ing_{rows}"), "--out", str(work / f"hash_{rows}")], env)
+            runs["deeplight"].append({"ingest_s": t_ing, "hash_s": t_hash, "total_s": t_ing + t_hash,
+                                      "peak_rss_mib": max(rss_ing, rss_hash)})
+            print(json.dumps({"impl": "deeplight", "rows": rows, **runs["deeplight"][-1]}))
+            if rows == a.pandas_rows:
+                out = work / f"pandas_{rows}"
+                out.mkdir(exist_ok=True)
+                t_pd, rss_pd = run_measured([PY, "-c", PANDAS_SCRIPT, str(raw), str(out), "8"], env)
+                runs["pandas"].append({"total_s": t_pd, "peak_rss_mib": rss_pd})
+                print(json.dumps({"impl": "pandas", "rows": rows, **runs["pandas"][-1]}))
+        for impl, rs in runs.items():
+            if not rs:
+                continue
+            row = {"impl": impl, "rows": rows, "runs": len(rs),
+                   **{k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "peak_rss_mib"},
+                   "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+                   "total_s_all": [round(r["total_s"], 3) for r in rs], "raw_mib": raw.stat().st_size / 2**20}
+            row["rows_per_s"] = rows / row["total_s"]
             results.append(row)
-            print(json.dumps(row))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count()}, "results": results}, indent=2))
-    print(f"\n| impl | rows | rows/s (ingest+hash) | peak RSS MiB |\n|---|---|---|---|")
+    print(f"\n| impl | rows | ingest s | hash s | rows/s (ingest+hash) | peak RSS MiB | all runs, s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['impl']} | {r['rows']:,} | {r['rows_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |")
+        steps = (f"{r['ingest_s']:.2f} | {r['hash_s']:.2f}" if r["impl"] == "deeplight" else "- | -")
+        print(f"| {r['impl']} | {r['rows']:,} | {steps} | {r['rows_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | "
+              f"{', '.join(f'{t:.2f}' for t in r['total_s_all'])} |")
+    for rows in a.rows:
+        pair = {r["impl"]: r for r in results if r["rows"] == rows}
+        if len(pair) == 2:
+            print(f"\n{rows:,} rows: deeplight is {pair['pandas']['total_s'] / pair['deeplight']['total_s']:.1f}x "
+                  "pandas (medians)")
 
 
 if __name__ == "__main__":
