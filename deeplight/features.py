@@ -516,11 +516,10 @@ class _Counts:
         """(distinct keys, their summed counts)."""
         keys = pa.concat_arrays(self.keys) if self.keys else pa.nulls(0, pa.string())
         counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
-        if len(self.keys) > 1:
-            enc = pc.dictionary_encode(keys)
-            # float64 sums are exact below 2^53, far above any row count
-            counts = np.bincount(to_numpy(enc.indices), weights=counts, minlength=len(enc.dictionary)).astype(np.int64)
-            keys = enc.dictionary
+        enc = pc.dictionary_encode(keys)  # also when there is one part: a Parquet dictionary may repeat a value
+        # float64 sums are exact below 2^53, far above any row count
+        counts = np.bincount(to_numpy(enc.indices), weights=counts, minlength=len(enc.dictionary)).astype(np.int64)
+        keys = enc.dictionary
         self.keys, self.counts, self.pending, self.compacted = [keys], [counts], len(keys), len(keys)
         return keys, counts
 
