@@ -489,8 +489,7 @@ def _valid_mask(arr: pa.Array) -> np.ndarray | None:
 
 def _values(arr: pa.Array, widen: bool = True) -> np.ndarray:
     """The values buffer of an integer array, zero-copy (as int64 if `widen`); null slots hold arbitrary values."""
-    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(arr.type) else 'u'}{arr.type.bit_width // 8}")
-    data = np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
+    data = to_numpy(arr)
     return data.astype(np.int64, copy=False) if widen else data
 
 
