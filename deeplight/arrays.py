@@ -13,6 +13,8 @@ pipeline step) and never use pandas, so they convert here instead:
     [True, False, True]
     >>> to_numpy(from_numpy(np.array([7, 8, 9]), mask=np.array([False, True, False])), fill=0)
     array([7, 0, 9])
+    >>> valid_mask(from_numpy(np.array([7, 8]), mask=np.array([True, False])))
+    array([False,  True])
     >>> string_array(["a", "bc", ""]).to_pylist()
     ['a', 'bc', '']
 """
@@ -55,20 +57,34 @@ def to_numpy(arr: pa.Array, fill: int | float | bool | None = None) -> np.ndarra
     """
     t = arr.type
     n = len(arr)
-    bufs = arr.buffers()
     if pa.types.is_boolean(t):
-        bits = np.frombuffer(bufs[1], np.uint8) if n else np.empty(0, np.uint8)
-        values = np.unpackbits(bits, bitorder="little", count=arr.offset + n)[arr.offset:].view(bool) \
-            if n else np.empty(0, bool)
+        values = _bits(arr.buffers()[1], arr.offset, n)
     elif pa.types.is_integer(t) or pa.types.is_floating(t):
         dtype = _numpy_dtype(t)
-        values = np.frombuffer(bufs[1], dtype, count=arr.offset + n)[arr.offset:] if n else np.empty(0, dtype)
+        values = np.frombuffer(arr.buffers()[1], dtype, count=arr.offset + n)[arr.offset:] if n else np.empty(0, dtype)
     else:
         raise TypeError(f"to_numpy wants a numeric or bool array, got {t}")
-    if fill is not None and arr.null_count:
+    valid = valid_mask(arr) if fill is not None else None
+    if valid is not None:
         values = values.copy()
-        values[~to_numpy(arr.is_valid())] = fill
+        values[~valid] = fill
     return values
+
+
+def valid_mask(arr: pa.Array) -> np.ndarray | None:
+    """Per row, whether it is not null, unpacked from the Arrow validity bitmap; None when nothing is null."""
+    if arr.null_count == 0:
+        return None
+    return _bits(arr.buffers()[0], arr.offset, len(arr))
+
+
+def _bits(buf: pa.Buffer, offset: int, n: int) -> np.ndarray:
+    """Bits offset .. offset + n of an Arrow bitmap (least significant bit first) as a bool array."""
+    if n == 0:
+        return np.empty(0, bool)
+    first = offset // 8  # unpack only the bytes that hold the wanted bits
+    packed = np.frombuffer(buf, np.uint8, count=(offset % 8 + n + 7) // 8, offset=first)
+    return np.unpackbits(packed, bitorder="little")[offset % 8:offset % 8 + n].view(bool)
 
 
 def string_array(values: list[str]) -> pa.Array:

@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from deeplight.arrays import from_numpy, string_array, to_numpy
+from deeplight.arrays import from_numpy, string_array, to_numpy, valid_mask
 from deeplight.errors import DeeplightError
 from deeplight.fsutil import atomic_output_dir, fingerprint_files, read_json, write_json
 from deeplight.schema import DERIVATIONS, DatasetSchema, get_schema
@@ -457,8 +457,8 @@ def _field_keys(f: FieldSpec, col: pa.Array) -> tuple[pa.Array, np.ndarray, np.n
     if f.kind == "cat":
         if not pa.types.is_dictionary(col.type):
             col = pc.dictionary_encode(col)
-        return col.dictionary, _values(col.indices, widen=False), _valid_mask(col.indices)
-    valid = _valid_mask(col)
+        return col.dictionary, _values(col.indices, widen=False), valid_mask(col.indices)
+    valid = valid_mask(col)
     x = _values(col)
     if f.kind == "int":
         return _int_codes(x, valid)
@@ -474,17 +474,6 @@ def _dense_codes(values: np.ndarray) -> tuple[pa.Array, np.ndarray]:
         return from_numpy(np.arange(lo, hi + 1, dtype=np.int64)).cast(pa.string()), values - lo
     keys, codes = np.unique(values, return_inverse=True)
     return from_numpy(keys).cast(pa.string()), codes
-
-
-def _valid_mask(arr: pa.Array) -> np.ndarray | None:
-    """Boolean validity per row from the Arrow bitmap, or None when nothing is null."""
-    if arr.null_count == 0:
-        return None
-    first = arr.offset // 8
-    nbytes = (arr.offset % 8 + len(arr) + 7) // 8
-    bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8, count=first + nbytes, offset=0)[first:]
-    start = arr.offset % 8
-    return np.unpackbits(bits, bitorder="little")[start:start + len(arr)].view(bool)
 
 
 def _values(arr: pa.Array, widen: bool = True) -> np.ndarray:
@@ -655,7 +644,7 @@ def _labels(col: pa.Array, path: Path, start: int, name: str) -> np.ndarray:
     if not pa.types.is_integer(col.type):
         raise DeeplightError(f"{path}: label column {name!r} has type {col.type}, expected int8 0/1")
     if col.null_count:
-        row = start + int(np.flatnonzero(~_valid_mask(col))[0])
+        row = start + int(np.flatnonzero(~valid_mask(col))[0])
         raise DeeplightError(f"{path}: row {row} (0-based): label {name!r} is missing")
     v = _values(col, widen=False)
     bad = np.flatnonzero((v != 0) & (v != 1))

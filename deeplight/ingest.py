@@ -61,7 +61,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from deeplight.arrays import from_numpy, to_numpy
+from deeplight.arrays import from_numpy, to_numpy, valid_mask
 from deeplight.errors import DeeplightError
 from deeplight.fastparse import count_lines, parse_clean_block
 from deeplight.fsutil import atomic_output_dir, open_input, resolve, write_json
@@ -138,8 +138,8 @@ class _Strings:
         offsets = np.frombuffer(bufs[1], dtype=np.int64 if itemsize == 8 else np.int32, count=n + 1,
                                 offset=arr.offset * itemsize) if n else np.zeros(1, np.int64)
         data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-        valid = np.ones(n, bool) if arr.null_count == 0 else to_numpy(arr.is_valid())
-        return cls(arr, offsets.astype(np.int64, copy=False), data, valid)
+        valid = valid_mask(arr)
+        return cls(arr, offsets.astype(np.int64, copy=False), data, np.ones(n, bool) if valid is None else valid)
 
     @property
     def lengths(self) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deeplight.arrays import from_numpy, string_array, to_numpy
+from deeplight.arrays import from_numpy, string_array, to_numpy, valid_mask
 from deeplight.synth import synthesize
 
 DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64, np.float32, np.float64, np.bool_]
@@ -51,6 +51,9 @@ def test_to_numpy_equals_arrow_to_numpy_on_slices(dtype):
     with_nulls = pa.array(values, mask=mask).slice(7, 600)
     want = np.where(mask[7:607], values[7:607].dtype.type(1), values[7:607])
     np.testing.assert_array_equal(to_numpy(with_nulls, fill=1), want)
+    for part in (with_nulls, with_nulls.slice(3, 250), pa.array(values, mask=mask).slice(1, 9)):
+        np.testing.assert_array_equal(valid_mask(part), part.is_valid().to_numpy(zero_copy_only=False))
+    assert valid_mask(arr) is None
 
 
 def test_to_numpy_rejects_strings():
