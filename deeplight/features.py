@@ -683,9 +683,11 @@ def _count_rows(files: list[Path]) -> int:
     return sum(_open_parquet(p).metadata.num_rows for p in files)
 
 
-def _open_parquet(path: Path, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+def _open_parquet(path: Path, read_dictionary: list[str] | None = None,
+                  metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+    """metadata: the file's footer, already read (then it is not read again)."""
     try:
-        return pq.ParquetFile(path, read_dictionary=read_dictionary)
+        return pq.ParquetFile(path, read_dictionary=read_dictionary, metadata=metadata)
     except (pa.ArrowException, OSError) as e:
         raise DeeplightError(f"{path}: not a readable Parquet file ({e})") from None
 
@@ -700,7 +702,8 @@ def _map_row_groups(files: list[Path], schema: DatasetSchema, fields: list[Field
     label = schema.label.name
     columns = list(dict.fromkeys([f.source for f in fields] + [label]))
     cats = sorted({f.source for f in fields if f.kind == "cat"})
-    tasks: list[tuple[Path, list[str], int, int]] = []  # (file, dictionary columns, row group, first row)
+    # (file, its footer, dictionary columns, row group, first row)
+    tasks: list[tuple[Path, pq.FileMetaData, list[str], int, int]] = []
     for path in files:
         meta = _open_parquet(path)
         file_schema = meta.schema_arrow
@@ -713,14 +716,14 @@ def _map_row_groups(files: list[Path], schema: DatasetSchema, fields: list[Field
         dictionary = [c for c in cats if _is_string_type(file_schema.field(c).type)]
         start = 0
         for g in range(meta.metadata.num_row_groups):
-            tasks.append((path, dictionary, g, start))
+            tasks.append((path, meta.metadata, dictionary, g, start))
             start += meta.metadata.row_group(g).num_rows
 
-    def run(task: tuple[Path, list[str], int, int]) -> list[tuple[int, _T]]:
-        path, dictionary, group, start = task
+    def run(task: tuple[Path, pq.FileMetaData, list[str], int, int]) -> list[tuple[int, _T]]:
+        path, footer, dictionary, group, start = task
         out = []
         try:
-            pf = _open_parquet(path, read_dictionary=dictionary)
+            pf = _open_parquet(path, read_dictionary=dictionary, metadata=footer)
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns,
                                          use_threads=False):
                 out.append((batch.num_rows, fn(batch, path, start)))
