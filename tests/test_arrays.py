@@ -71,11 +71,11 @@ def test_data_step_commands_never_import_pandas(tmp_path: Path):
     """pyarrow would import pandas (~0.25 s, a tenth of a small ingest) on a pa.array / pa.scalar / to_numpy
     call; each data step is its own short process, so none of its code paths may make one. Exercises the compiled
     and exact ingest paths (a bad row), both hash modes, and Criteo and Avazu. The ingest command also never loads
-    SciPy (numba would, for its BLAS check: `deeplight.numba_start`)."""
+    SciPy (numba would, for its BLAS check: `deeplight.numba_start`), and both freeze their start-up objects."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     probe = ("import atexit, runpy, sys\n"
              "atexit.register(lambda: print('PANDAS_LOADED', 'pandas' in sys.modules,"
-             " 'SCIPY_LOADED', 'scipy' in sys.modules))\n"
+             " 'SCIPY_LOADED', 'scipy' in sys.modules, 'FROZEN', __import__('gc').get_freeze_count() > 0))\n"
              "sys.argv = ['deeplight'] + sys.argv[1:]\n"
              "runpy.run_module('deeplight.cli', run_name='__main__')\n")
 
@@ -83,6 +83,7 @@ def test_data_step_commands_never_import_pandas(tmp_path: Path):
         proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "PANDAS_LOADED False" in proc.stdout, (args, proc.stdout[-500:])
+        assert "FROZEN True" in proc.stdout, (args, proc.stdout[-500:])  # start-up objects exempt from GC
         if args[0] == "ingest":
             assert "SCIPY_LOADED False" in proc.stdout, (args, proc.stdout[-500:])
 
