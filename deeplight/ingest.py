@@ -218,7 +218,7 @@ def _convert_column(kind: str, name: str, arr: pa.Array, may_be_null: bool
         ok &= valid_yymmddhh(values)
         checks.append((~ok & ~null_ok, "bad_time",
                        lambda v: f"bad time value in field {name!r}: {_show(v)} (want YYMMDDHH, a real date and hour)"))
-        typed = from_numpy(values.astype(np.int64, copy=False), mask=~ok)
+        typed = from_numpy(values, mask=~ok)
     elif kind == "cat":
         typed = s.with_validity(s.valid & (lengths > 0))  # empty -> null
     else:  # id: kept as is
