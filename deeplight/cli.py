@@ -74,6 +74,7 @@ def cmd_apply_features(a: argparse.Namespace) -> None:
     from deeplight.features import FeatureMap, apply_feature_map
     from deeplight.memory import tune_allocators
 
+    _freeze_startup_objects()
     tune_allocators()
     _print_json(apply_feature_map(FeatureMap.load(a.feature_map), a.input, a.out))
 

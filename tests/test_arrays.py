@@ -70,8 +70,9 @@ def test_string_array_equals_pa_array():
 def test_data_step_commands_never_import_pandas(tmp_path: Path):
     """pyarrow would import pandas (~0.25 s, a tenth of a small ingest) on a pa.array / pa.scalar / to_numpy
     call; each data step is its own short process, so none of its code paths may make one. Exercises the compiled
-    and exact ingest paths (a bad row), both hash modes, and Criteo and Avazu. The ingest command also never loads
-    SciPy (numba would, for its BLAS check: `deeplight.numba_start`), and both freeze their start-up objects."""
+    and exact ingest paths (a bad row), both hash modes, applying a fitted map, and Criteo and Avazu. The ingest command
+    also never loads SciPy (numba would, for its BLAS check: `deeplight.numba_start`), and all of them freeze their
+    start-up objects."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     probe = ("import atexit, runpy, sys\n"
              "atexit.register(lambda: print('PANDAS_LOADED', 'pandas' in sys.modules,"
@@ -96,3 +97,5 @@ def test_data_step_commands_never_import_pandas(tmp_path: Path):
         run("ingest", "--dataset", dataset, "--input", str(raw), "--out", str(ing))
         run("hash", "--input", str(ing), "--out", str(tmp_path / f"{dataset}_vocab"), "--min-count", "2")
         run("hash", "--input", str(ing), "--out", str(tmp_path / f"{dataset}_hashed"), "--buckets", "1000")
+        run("apply-features", "--feature-map", str(tmp_path / f"{dataset}_vocab" / "feature_map.json"),
+            "--input", str(ing), "--out", str(tmp_path / f"{dataset}_applied"))
