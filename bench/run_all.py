@@ -27,6 +27,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = ["200000"] if a.quick else ["2000000", "8000000"]
     run(str(HERE / "bench_data.py"), "--rows", *rows, "--pandas-rows", rows[0])
+    run(str(HERE / "data_floor.py"), "--rows", rows[0])
     synth_rows = "100000" if a.quick else "1000000"
     run(str(HERE / "accuracy.py"), "--synthetic-rows", synth_rows, "--epochs", "3" if a.quick else "10")
     work = HERE / "out" / "accuracy-work"
