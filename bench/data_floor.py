@@ -10,7 +10,7 @@ remove, each with the steps' own code and settings, on the steps' own output:
 - raw read: the input read in ingest's 16 MB blocks, newlines counted (the least any parser does to the bytes);
 - ingest write: ingest's split writers writing the ingested tables again;
 - hash reads: hash's row-group reader (`_map_row_groups`) over train twice (fit, then ids), valid and test, with a
-  no-op instead of counting or mapping; one reader thread, not hash's two (two cost ~20% more CPU for the same
+  no-op instead of counting or mapping; one reader thread, not hash's two (two cost ~25% more CPU for the same
   reads, and the floor takes the cheaper);
 - ids write: hash's id writer writing the hashed tables again.
 
