@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,14 +60,20 @@ for name in ("train", "valid", "test"):
 '''
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one command in its own process."""
+def run_process(cmd: list[str], env: dict | None = None) -> tuple[float, resource.struct_rusage]:
+    """(wall seconds, resource usage from wait4) of one command in its own process; exits if it fails."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return seconds, usage
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one command in its own process."""
+    seconds, usage = run_process(cmd, env)
     return seconds, usage.ru_maxrss / 1024
 
 

@@ -27,26 +27,19 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_data import PY, run_process  # this directory is on sys.path when a script here runs
+
 HERE = Path(__file__).resolve().parent
-PY = sys.executable
 TARGET_ROWS_PER_S = 500_000
 
 
 def run_cli(args: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, CPU seconds: user + system) of one `deeplight` command in a fresh process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([PY, "-m", "deeplight.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: deeplight {' '.join(args)}\n{proc.stderr.read().decode()[-2000:]}")
+    wall, usage = run_process([PY, "-m", "deeplight.cli", *args], env)
     return wall, usage.ru_utime + usage.ru_stime
 
 
@@ -75,7 +68,7 @@ def codec_parts(raw: Path, ingested: Path, hashed: Path, scratch: Path) -> dict[
     from deeplight.schema import get_schema
 
     schema = get_schema("criteo")
-    fields = [features.FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
+    fields = features.FeatureMap.hashed(schema.name, 2).fields  # the schema's fields; only their columns matter
     tables = {s: pq.read_table(ingested / s) for s in ingest.SPLITS}
     ids = {s: pq.read_table(hashed / s) for s in ingest.SPLITS}
     block = bytearray(ingest.BLOCK_BYTES)
