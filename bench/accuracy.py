@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from deeplight.config import Config, parse_sets
-from deeplight.data import SplitLoader
-from deeplight.features import hash_dataset
-from deeplight.ingest import ingest
-from deeplight.prune import prune
-from deeplight.schema import get_schema
-from deeplight.synth import load_truth, oracle_auc, synthesize, true_probability
-from deeplight.train import train
+from deeplight.base.config import Config, parse_sets
+from deeplight.data.loader import SplitLoader
+from deeplight.data.hashing import hash_dataset
+from deeplight.data.ingest import ingest
+from deeplight.model.prune import prune
+from deeplight.data.schema import get_schema
+from deeplight.data.synth import load_truth, oracle_auc, synthesize, true_probability
+from deeplight.model.train import train
 
 HERE = Path(__file__).resolve().parent
 

@@ -27,7 +27,7 @@ PY = sys.executable
 
 PANDAS_SCRIPT = r'''
 import sys, numpy as np, pandas as pd
-from deeplight.schema import get_schema
+from deeplight.data.schema import get_schema
 raw, out, min_count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 schema = get_schema("criteo")
 df = pd.read_csv(raw, sep="\t", header=None, names=schema.names, dtype=str, keep_default_na=False,

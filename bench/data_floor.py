@@ -63,12 +63,15 @@ def codec_parts(raw: Path, ingested: Path, hashed: Path, scratch: Path) -> dict[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from deeplight import features, ingest
-    from deeplight.fastparse import count_lines
-    from deeplight.schema import get_schema
+    from deeplight.data import hashing
+    from deeplight.data.feature_map import FeatureMap
+
+    from deeplight.data import ingest
+    from deeplight.data.parser import count_lines
+    from deeplight.data.schema import get_schema
 
     schema = get_schema("criteo")
-    fields = features.FeatureMap.hashed(schema.name, 2).fields  # the schema's fields; only their columns matter
+    fields = FeatureMap.hashed(schema.name, 2).fields  # the schema's fields; only their columns matter
     tables = {s: pq.read_table(ingested / s) for s in ingest.SPLITS}
     ids = {s: pq.read_table(hashed / s) for s in ingest.SPLITS}
     block = bytearray(ingest.BLOCK_BYTES)
@@ -87,22 +90,22 @@ def codec_parts(raw: Path, ingested: Path, hashed: Path, scratch: Path) -> dict[
             writer.close()
 
     def hash_reads() -> None:
-        threads, features.READ_THREADS = features.READ_THREADS, 1
+        threads, hashing.READ_THREADS = hashing.READ_THREADS, 1
         try:
             for split, times in (("train", 2), ("valid", 1), ("test", 1)):
                 files = sorted((ingested / split).glob("*.parquet"))
                 for _ in range(times):
-                    for _ in features._map_row_groups(files, schema, fields, lambda batch, path, start: None):
+                    for _ in hashing._map_row_groups(files, schema, fields, lambda batch, path, start: None):
                         pass
         finally:
-            features.READ_THREADS = threads
+            hashing.READ_THREADS = threads
 
     def ids_write() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         for split, table in ids.items():
-            writer = features.id_writer(scratch / f"{split}.parquet", table.schema)
-            for batch in table.to_batches(max_chunksize=features.BATCH_ROWS):
+            writer = hashing.id_writer(scratch / f"{split}.parquet", table.schema)
+            for batch in table.to_batches(max_chunksize=hashing.BATCH_ROWS):
                 writer.write_batch(batch)
             writer.close()
 

@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import deeplight.compact as compact  # noqa: E402
-from deeplight.compact import CompactModel  # noqa: E402
-from deeplight.model import DeepFwFM  # noqa: E402
+import deeplight.serve.kernels as kernels  # noqa: E402
+from deeplight.serve.engine import CompactModel  # noqa: E402
+from deeplight.model.deepfwfm import DeepFwFM  # noqa: E402
 
 BATCHES = (1, 64, 512, 4096)
 # Criteo-shaped vocabulary of ~1M rows: 13 bucketised numeric fields + 26 categorical ones (the schema's
@@ -135,8 +135,8 @@ def _fetch_rows(ids, table, base, width, out):  # type: ignore[no-untyped-def]
     B, F = ids.shape
     if B == 1:
         for f in range(F):
-            compact._prefetch(table, base[f] + ids[0, f] * width[f])
-    tile = min(B, compact.TILE)
+            kernels._prefetch(table, base[f] + ids[0, f] * width[f])
+    tile = min(B, kernels.TILE)
     for t0 in range(0, B, tile):
         T = min(tile, B - t0)
         acc = out[t0:t0 + T]
@@ -147,8 +147,8 @@ def _fetch_rows(ids, table, base, width, out):  # type: ignore[no-untyped-def]
                 continue
             col = ids[t0:t0 + T, f]
             for t in range(T):
-                if B > 1 and t + compact.PREFETCH < T:
-                    compact._prefetch(table, bo + col[t + compact.PREFETCH] * w)
+                if B > 1 and t + kernels.PREFETCH < T:
+                    kernels._prefetch(table, bo + col[t + kernels.PREFETCH] * w)
                 o = bo + col[t] * w
                 row = table[o:o + w]
                 s = np.float32(0.0)
@@ -252,7 +252,7 @@ def read_test_split(data_dir: str, limit: int | None) -> tuple[np.ndarray, np.nd
 
 
 def test_auc(kind: str, obj: Any, ids: np.ndarray, labels: np.ndarray) -> float:
-    from deeplight.metrics import auc
+    from deeplight.model.metrics import auc
 
     scores = []
     for s in range(0, len(ids), 4096):
@@ -266,7 +266,7 @@ def test_auc(kind: str, obj: Any, ids: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Density sweep (thresholds in deeplight/compact.py)
+# Density sweep (thresholds in deeplight/serve/engine.py)
 
 
 def sweep_density(rounds: int, budget: float, seed: int) -> str:
@@ -286,7 +286,7 @@ def sweep_density(rounds: int, budget: float, seed: int) -> str:
                 w[w.abs() <= w.abs().flatten().kthvalue(max(1, int((1 - density) * w.numel()))).values] = 0.0
         cms = {}
         for fmt, thr in (("dense", 0.0), ("sparse", 1.0)):
-            compact.CSR_MAX_DENSITY = compact.CSC_MAX_DENSITY = thr
+            kernels.CSR_MAX_DENSITY = kernels.CSC_MAX_DENSITY = thr
             cms[fmt] = CompactModel.from_model(model)
         cells = {(fmt, B): ("numba", cm) for fmt, cm in cms.items() for B in (1, 4096)}
         t = run_timings(cells, rng_pool, rounds, budget, seed)
@@ -459,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
            "cpus": os.cpu_count(), "loadavg_end": load, "torch": torch.__version__, "numpy": np.__version__,
            "numba": numba.__version__, "threads": 1, "rounds": args.rounds, "budget_s": args.budget,
            "ids": "test split" if args.data else "uniform random per field",
-           "tile": compact.TILE, "prefetch": compact.PREFETCH,
-           "csr_max_density": compact.CSR_MAX_DENSITY, "csc_max_density": compact.CSC_MAX_DENSITY}
+           "tile": kernels.TILE, "prefetch": kernels.PREFETCH,
+           "csr_max_density": kernels.CSR_MAX_DENSITY, "csc_max_density": kernels.CSC_MAX_DENSITY}
     md = "\n".join([f"# Inference benchmark ({'synthetic' if args.synthetic else 'checkpoints'}, one thread, "
                     f"medians of {args.rounds} interleaved rounds; load average at end {load[0]:.1f})", "",
                     *lines, *goal_lines, *stat_lines,

@@ -1,4 +1,4 @@
-"""deeplight's KFP v2 components, one per file, each a thin wrapper over `deeplight.pipeline_steps`.
+"""deeplight's KFP v2 components, one per file, each a thin wrapper over `deeplight.steps.pipeline`.
 
     from components import ingest, hash_features, train, prune, evaluate, register, promote
     from components import start_run, finish_run        # MLflow parent run: open / close (exit handler)

@@ -17,8 +17,8 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], hashed: Input[Dataset], variant: str, parent_run_id: str,
              evaluation: Output[Artifact], metrics: Output[Metrics]):
-    from deeplight.evaluate import flat_metrics
-    from deeplight.pipeline_steps import evaluate_step
+    from deeplight.evaluation.evaluate import flat_metrics
+    from deeplight.steps.pipeline import evaluate_step
 
     result = evaluate_step(model.path, hashed.path, variant, evaluation.path, parent_run_id)
     evaluation.metadata.update({"variant": variant, "file": "metrics.json"})

@@ -13,7 +13,7 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finish_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
-    from deeplight.pipeline_steps import finish_pipeline_run
+    from deeplight.steps.pipeline import finish_pipeline_run
 
     # An exit task may not take outputs of the steps, so it finds the parent run by the KFP run id.
     finish_pipeline_run(kfp_run_id, status.state, status.error_message or "")

@@ -16,7 +16,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def hash_features(ingested: Input[Dataset], config_json: str, parent_run_id: str, hashed: Output[Dataset],
                   metrics: Output[Metrics]):
-    from deeplight.pipeline_steps import hash_step
+    from deeplight.steps.pipeline import hash_step
 
     manifest = hash_step(ingested.path, config_json, hashed.path, parent_run_id)
     hashed.metadata.update({"dataset": manifest.get("dataset", ""), "rows": manifest["rows"],

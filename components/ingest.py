@@ -17,7 +17,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest(input_uris: list, config_json: str, parent_run_id: str, ingested: Output[Dataset],
            metrics: Output[Metrics]):
-    from deeplight.pipeline_steps import ingest_step
+    from deeplight.steps.pipeline import ingest_step
 
     report = ingest_step(input_uris, config_json, ingested.path, parent_run_id)
     ingested.metadata.update({"dataset": report["dataset"], "rows": report["written"], "splits": report["splits"]})

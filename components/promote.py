@@ -16,7 +16,7 @@ def promote(model_name: str, tolerance: float, latency_slo_us: float, parent_run
             decision: Output[Artifact]) -> bool:
     import json
 
-    from deeplight.pipeline_steps import promote_step
+    from deeplight.steps.pipeline import promote_step
 
     result = promote_step(model_name, tolerance, latency_slo_us, parent_run_id)
     with open(decision.path, "w") as f:

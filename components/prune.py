@@ -15,7 +15,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prune(dense: Input[Model], hashed: Input[Dataset], config_json: str, parent_run_id: str,
           model: Output[Model], metrics: Output[Metrics]):
-    from deeplight.pipeline_steps import prune_step
+    from deeplight.steps.pipeline import prune_step
 
     result = prune_step(dense.path, hashed.path, config_json, model.path, parent_run_id)
     pruning = result["pruning"]

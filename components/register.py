@@ -17,7 +17,7 @@ def register(model: Input[Model], hashed: Input[Dataset], evaluation: Input[Arti
              parent_run_id: str, registered: Output[Artifact]) -> str:
     import json
 
-    from deeplight.pipeline_steps import register_step
+    from deeplight.steps.pipeline import register_step
 
     info = register_step(model.path, hashed.path, evaluation.path, model_name, parent_run_id)
     with open(registered.path, "w") as f:

@@ -44,7 +44,7 @@ def start_run(
 ) -> NamedTuple("StartRunOutputs", [("config_json", str), ("parent_run_id", str)]):
     from collections import namedtuple
 
-    from deeplight import pipeline_steps as steps
+    from deeplight.steps import pipeline as steps
 
     with steps.step("start_run", ""):
         cfg = steps.pipeline_config(

@@ -1,7 +1,7 @@
 """Sweep components: `sweep_init` (check the settings, create the Optuna study and its MLflow run),
 `sweep_worker` (one of N ParallelFor workers sharing the study through its RDB storage) and `sweep_select`
 (choose the fastest trial within the AUC tolerance of dense; the Pareto report). Thin wrappers over
-`deeplight.sweep`; pipelines/sweep_pipeline.py chains them with the pipeline's ingest, hash_features, train,
+`deeplight.steps.sweep`; pipelines/sweep_pipeline.py chains them with the pipeline's ingest, hash_features, train,
 evaluate and register components.
 
     slots = sweep_init(hashed=data, config_json=cfg, parent_run_id=parent, workers=2, **sweep)   # -> [0, 1]
@@ -27,8 +27,8 @@ def sweep_init(hashed: Input[Dataset], config_json: str, parent_run_id: str, wor
                kfp_run_id: str, storage: str, n_trials: int, sampler: str, seed: int, tolerance: float,
                dnn_range: str, field_range: str, embedding_range: str, modes: str, finetune_range: str,
                latency_calls: int) -> list:
-    from deeplight.pipeline_steps import step
-    from deeplight.sweep import init_step, pipeline_settings
+    from deeplight.steps.pipeline import step
+    from deeplight.steps.sweep import init_step, pipeline_settings
 
     with step("sweep_init", parent_run_id):
         settings = pipeline_settings(study, kfp_run_id, storage, n_trials, sampler, seed, tolerance, dnn_range,
@@ -41,8 +41,8 @@ def sweep_worker(hashed: Input[Dataset], dense: Input[Model], slot: int, parent_
                  kfp_run_id: str, storage: str, n_trials: int, sampler: str, seed: int, tolerance: float,
                  dnn_range: str, field_range: str, embedding_range: str, modes: str, finetune_range: str,
                  latency_calls: int, trials: Output[Artifact]) -> int:
-    from deeplight.pipeline_steps import step
-    from deeplight.sweep import pipeline_settings, worker_step
+    from deeplight.steps.pipeline import step
+    from deeplight.steps.sweep import pipeline_settings, worker_step
 
     with step(f"sweep_worker_{slot}", parent_run_id):
         settings = pipeline_settings(study, kfp_run_id, storage, n_trials, sampler, seed, tolerance, dnn_range,
@@ -57,8 +57,8 @@ def sweep_select(hashed: Input[Dataset], dense: Input[Model], completed: list, p
                  kfp_run_id: str, storage: str, n_trials: int, sampler: str, seed: int, tolerance: float,
                  dnn_range: str, field_range: str, embedding_range: str, modes: str, finetune_range: str,
                  latency_calls: int, model: Output[Model], report: Output[Artifact], metrics: Output[Metrics]):
-    from deeplight.pipeline_steps import step
-    from deeplight.sweep import pipeline_settings, select_step
+    from deeplight.steps.pipeline import step
+    from deeplight.steps.sweep import pipeline_settings, select_step
 
     with step("sweep_select", parent_run_id):
         settings = pipeline_settings(study, kfp_run_id, storage, n_trials, sampler, seed, tolerance, dnn_range,

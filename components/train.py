@@ -14,7 +14,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(hashed: Input[Dataset], config_json: str, parent_run_id: str, model: Output[Model],
           metrics: Output[Metrics]):
-    from deeplight.pipeline_steps import train_step
+    from deeplight.steps.pipeline import train_step
 
     result = train_step(hashed.path, config_json, model.path, parent_run_id)
     model.metadata.update({"kind": result["model"], "mlflow_run_id": result["run_id"],

@@ -21,7 +21,7 @@ parent run (a cached step would log nothing).
 from kfp import dsl
 
 from components import evaluate, finish_run, hash_features, ingest, promote, prune, register, start_run, train
-from deeplight.config import Config
+from deeplight.base.config import Config
 
 PIPELINE_NAME = "deeplight"
 _D = Config()

@@ -22,7 +22,7 @@ from kfp import dsl
 
 from components import evaluate, finish_run, hash_features, ingest, register, start_run, train
 from components.sweep import sweep_init, sweep_select, sweep_worker
-from deeplight.config import Config
+from deeplight.base.config import Config
 
 PIPELINE_NAME = "deeplight-sweep"
 _D = Config()

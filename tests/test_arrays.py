@@ -1,4 +1,4 @@
-"""deeplight.arrays: the same arrays as pyarrow's own conversions, and data-step processes that never load pandas."""
+"""deeplight.base.arrow: the same arrays as pyarrow's own conversions, and data-step processes that never load pandas."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from deeplight.arrays import from_numpy, string_array, to_numpy, valid_mask
-from deeplight.synth import synthesize
+from deeplight.base.arrow import from_numpy, string_array, to_numpy, valid_mask
+from deeplight.data.synth import synthesize
 
 DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64, np.float32, np.float64, np.bool_]
 
@@ -71,7 +71,7 @@ def test_data_step_commands_never_import_pandas(tmp_path: Path):
     """pyarrow would import pandas (~0.25 s, a tenth of a small ingest) on a pa.array / pa.scalar / to_numpy
     call; each data step is its own short process, so none of its code paths may make one. Exercises the compiled
     and exact ingest paths (a bad row), both hash modes, applying a fitted map, and Criteo and Avazu. The ingest command
-    also never loads SciPy (numba would, for its BLAS check: `deeplight.numba_start`), and all of them freeze their
+    also never loads SciPy (numba would, for its BLAS check: `deeplight.data.numba_start`), and all of them freeze their
     start-up objects."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     probe = ("import atexit, runpy, sys\n"

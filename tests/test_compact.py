@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from deeplight.compact import TILE, CompactModel
-from deeplight.errors import DeeplightError
-from deeplight.model import DeepFwFM
+from deeplight.serve.engine import CompactModel
+from deeplight.serve.kernels import TILE
+from deeplight.base.errors import DeeplightError
+from deeplight.model.deepfwfm import DeepFwFM
 
 SIZES = (7, 5, 9, 3, 6, 4)
 ATOL = 1e-5
@@ -56,7 +57,7 @@ def assert_matches(cm: CompactModel, model: DeepFwFM, ids: np.ndarray | None = N
     assert np.abs(one - want[:40]).max() <= ATOL
 
 
-# Pruning helpers (in-place magnitude pruning, the same zero patterns deeplight.prune produces).
+# Pruning helpers (in-place magnitude pruning, the same zero patterns deeplight.model.prune produces).
 
 def prune_dnn_unstructured(model: DeepFwFM, frac: float) -> None:
     with torch.no_grad():
@@ -301,10 +302,10 @@ def test_bad_input_raises_deeplight_error():
 @pytest.mark.parametrize("sparse", [True, False])
 def test_sparse_and_dense_layer_kernels_agree(monkeypatch: pytest.MonkeyPatch, sparse: bool):
     # The density thresholds pick CSR / CSC or dense per layer; force each choice on every layer.
-    import deeplight.compact as compact
+    import deeplight.serve.kernels as kernels
 
-    monkeypatch.setattr(compact, "CSR_MAX_DENSITY", 1.0 if sparse else 0.0)
-    monkeypatch.setattr(compact, "CSC_MAX_DENSITY", 1.0 if sparse else 0.0)
+    monkeypatch.setattr(kernels, "CSR_MAX_DENSITY", 1.0 if sparse else 0.0)
+    monkeypatch.setattr(kernels, "CSC_MAX_DENSITY", 1.0 if sparse else 0.0)
     model = make_model(dnn=(24, 16, 8))
     prune_dnn_unstructured(model, 0.7)
     prune_embedding_entries(model, 0.3)

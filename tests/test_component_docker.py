@@ -28,8 +28,8 @@ from kfp import dsl, local  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import components  # noqa: E402
-from deeplight.config import Config  # noqa: E402
-from deeplight.synth import synthesize  # noqa: E402
+from deeplight.base.config import Config  # noqa: E402
+from deeplight.data.synth import synthesize  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 

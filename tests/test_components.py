@@ -25,7 +25,7 @@ from kfp.dsl import Artifact, Dataset, Metrics, Model  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 import components  # noqa: E402
-from deeplight.synth import synthesize  # noqa: E402
+from deeplight.data.synth import synthesize  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -122,8 +122,8 @@ def child(env, parent: str, name: str):
 
 
 def test_start_run_defaults_are_the_config_defaults():
-    from deeplight.config import Config
-    from deeplight.pipeline_steps import pipeline_config
+    from deeplight.base.config import Config
+    from deeplight.steps.pipeline import pipeline_config
 
     defaults = {name: spec.default for name, spec in components.start_run.component_spec.inputs.items()
                 if name not in ("run_name", "kfp_run_id", "input_uris", "model_name", "promote")}
@@ -138,15 +138,15 @@ def test_start_run_defaults_are_the_config_defaults():
     ({"overrides": "{oops"}, "config overrides: not valid JSON"),
 ])
 def test_bad_pipeline_settings_are_clear_errors(settings, message):
-    from deeplight.errors import DeeplightError
-    from deeplight.pipeline_steps import pipeline_config
+    from deeplight.base.errors import DeeplightError
+    from deeplight.steps.pipeline import pipeline_config
 
     with pytest.raises(DeeplightError, match=message):
         pipeline_config(**settings)
 
 
 def test_buckets_select_stable_hashing():
-    from deeplight.pipeline_steps import pipeline_config
+    from deeplight.steps.pipeline import pipeline_config
 
     assert pipeline_config(buckets=1000, min_count=8).features.buckets == 1000
     assert pipeline_config(buckets=1000, min_count=8).features.min_count is None

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from deeplight import checkpoint, metrics
+from deeplight.model import checkpoint
+
+from deeplight.model import metrics
 from deeplight.cli import main
-from deeplight.compact import compact_checkpoint
-from deeplight.config import Config
-from deeplight.data import SplitLoader
-from deeplight.errors import DeeplightError
-from deeplight.evaluate import evaluate_model, flat_metrics, measure_latency, pair_matrix, resolve_checkpoint
-from deeplight.model import DeepFwFM
-from deeplight.prune import prune
-from deeplight.train import train
+from deeplight.serve.export import compact_checkpoint
+from deeplight.base.config import Config
+from deeplight.data.loader import SplitLoader
+from deeplight.base.errors import DeeplightError
+from deeplight.evaluation.evaluate import evaluate_model, flat_metrics, measure_latency, pair_matrix, resolve_checkpoint
+from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.model.prune import prune
+from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
 
@@ -152,7 +154,7 @@ def test_cli_writes_json_and_plots_and_logs_to_mlflow(models: dict[str, Path], t
                                                       mlflow_store: Path, capsys: pytest.CaptureFixture):
     from mlflow.tracking import MlflowClient
 
-    from deeplight.tracking import tracking_uri
+    from deeplight.ops.tracking import tracking_uri
 
     out = tmp_path / "eval" / "metrics.json"
     rc = main(["evaluate", "--model", str(models["pruned"]), "--data", str(models["data"]), "--out", str(out),

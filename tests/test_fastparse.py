@@ -1,4 +1,4 @@
-"""Tests of deeplight.fastparse, the compiled parser of clean blocks, against ingest's exact path.
+"""Tests of deeplight.data.parser, the compiled parser of clean blocks, against ingest's exact path.
 
 The exact path (pyarrow's CSV reader + vectorised validation) is the reference: whenever the compiled parser
 accepts a block, its tables must equal the exact path's, and it must accept every block the exact path finds
@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deeplight import ingest
-from deeplight.fastparse import parse_clean_block
-from deeplight.ingest import _process_block, random_splits
-from deeplight.schema import get_schema
+from deeplight.data import ingest
+from deeplight.data.parser import parse_clean_block
+from deeplight.data.ingest import _process_block, random_splits
+from deeplight.data.schema import get_schema
 
 CRITEO = get_schema("criteo")
 AVAZU = get_schema("avazu")

@@ -1,4 +1,4 @@
-"""deeplight.features: stable hashing, vocabularies, the int transform, and the hashed-data contract."""
+"""deeplight.data.feature_map and deeplight.data.hashing: stable hashing, vocabularies, the int transform, and the hashed-data contract."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import deeplight.features as features
-from deeplight.errors import DeeplightError
-from deeplight.features import (FeatureMap, apply_feature_map, field_seed, fit_feature_map, hash_dataset,
-                                int_transform, stable_hash)
-from deeplight.fsutil import fingerprint_files
-from deeplight.schema import get_schema
+import deeplight.data.feature_map as feature_map
+import deeplight.data.hashing as hashing
+from deeplight.base.errors import DeeplightError
+from deeplight.data.feature_map import FeatureMap, field_seed, int_transform, stable_hash
+from deeplight.data.hashing import apply_feature_map, fit_feature_map, hash_dataset
+from deeplight.base.files import fingerprint_files
+from deeplight.data.schema import get_schema
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -83,7 +84,7 @@ def test_stable_hash_matches_reference():
 
 def test_stable_hash_is_the_same_in_other_processes():
     values = ["68fd1e64", "", "é中😀", "x" * 40]
-    code = ("import pyarrow as pa; from deeplight.features import stable_hash, field_seed; "
+    code = ("import pyarrow as pa; from deeplight.data.feature_map import stable_hash, field_seed; "
             f"print(stable_hash(pa.array({values!r}), field_seed('C7')).tolist())")
     outs = []
     for hashseed in ("1", "2"):
@@ -114,7 +115,7 @@ def test_int_transform_known_values():
     big = x[x >= 2**16]
     exact = np.array([math.floor(math.log(v) ** 2) for v in big.tolist()])
     for off in (-1, 0, 1):
-        assert np.array_equal(features._snap_to_thresholds(exact + off, big), exact)
+        assert np.array_equal(feature_map._snap_to_thresholds(exact + off, big), exact)
 
 
 def test_garbage_under_nulls_is_ignored():
@@ -249,8 +250,8 @@ def test_manifest_rows_fingerprints_and_copies(criteo_dir, tmp_path):
 
 def test_empty_splits_and_parts(tmp_path, monkeypatch):
     src = write_ingested(tmp_path / "in", "criteo", {"train": [typed_table("criteo", 1000)], "valid": []})
-    monkeypatch.setattr(features, "BATCH_ROWS", 128)
-    monkeypatch.setattr(features, "PART_ROWS", 300)
+    monkeypatch.setattr(hashing, "BATCH_ROWS", 128)
+    monkeypatch.setattr(hashing, "PART_ROWS", 300)
     manifest = hash_dataset(str(src), str(tmp_path / "out"), min_count=2)
     assert manifest["rows"] == {"train": 1000, "valid": 0, "test": 0}
     # Batches of 128 rows; a new part once a part holds >= 300 rows: 3 + 3 + 2 batches.
@@ -273,7 +274,7 @@ def test_vocab_fitted_on_train_only_and_min_count_exact(tmp_path, monkeypatch):
     valid = [typed_table("criteo", 6, 5, C1=["z"] * 5 + ["d"])]
     test = [typed_table("criteo", 4, 6, C1=["z", "z", "a", "f"])]
     src = write_ingested(tmp_path / "in", "criteo", {"train": train, "valid": valid, "test": test})
-    monkeypatch.setattr(features, "BATCH_ROWS", 4)  # counts merge across batches and files
+    monkeypatch.setattr(hashing, "BATCH_ROWS", 4)  # counts merge across batches and files
     out = tmp_path / "out"
     hash_dataset(str(src), str(out), min_count=3)
     fmap = FeatureMap.load(out / "feature_map.json")
@@ -458,9 +459,9 @@ def test_bad_inputs_and_settings(tmp_path, criteo_dir):
 
 def _ingest():
     try:
-        from deeplight.ingest import ingest
+        from deeplight.data.ingest import ingest
     except ImportError as e:  # written concurrently by a colleague
-        pytest.skip(f"deeplight.ingest is not importable yet ({e})")
+        pytest.skip(f"deeplight.data.ingest is not importable yet ({e})")
     return ingest
 
 

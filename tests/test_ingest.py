@@ -1,4 +1,4 @@
-"""Tests of deeplight.ingest: raw files -> typed Parquet splits with exact row accounting.
+"""Tests of deeplight.data.ingest: raw files -> typed Parquet splits with exact row accounting.
 
 All raw inputs are generated here (synthetic values); the real samples are only read, never copied.
 """
@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deeplight.errors import DeeplightError
-from deeplight.ingest import _ingest, ingest, parse_records, parse_string_table
-from deeplight.schema import get_schema
+from deeplight.base.errors import DeeplightError
+from deeplight.data.ingest import _ingest, ingest
+from deeplight.data.validate import parse_records, parse_string_table
+from deeplight.data.schema import get_schema
 
 CRITEO = get_schema("criteo")
 AVAZU = get_schema("avazu")

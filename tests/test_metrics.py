@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from deeplight.errors import DeeplightError
-from deeplight.metrics import auc, calibration, calibration_curve, evaluate_arrays, logloss, roc_curve
+from deeplight.base.errors import DeeplightError
+from deeplight.model.metrics import auc, calibration, calibration_curve, evaluate_arrays, logloss, roc_curve
 
 
 def test_auc_by_hand():

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deeplight.config import ModelConfig
-from deeplight.errors import DeeplightError
-from deeplight.model import DNN, DeepFwFM, FieldEmbedding, FieldWeightedInteraction, LinearTerm
+from deeplight.base.config import ModelConfig
+from deeplight.base.errors import DeeplightError
+from deeplight.model.deepfwfm import DNN, DeepFwFM, FieldEmbedding, FieldWeightedInteraction, LinearTerm
 
 SIZES = [3, 7, 1, 5, 4]  # includes a single-id field
 

@@ -25,10 +25,10 @@ import yaml
 pytest.importorskip("kfp")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from deeplight import pipeline_cli  # noqa: E402
+from deeplight.cli import pipeline as pipeline_cli  # noqa: E402
 from deeplight.cli import main as cli_main  # noqa: E402
-from deeplight.errors import DeeplightError  # noqa: E402
-from deeplight.synth import synthesize  # noqa: E402
+from deeplight.base.errors import DeeplightError  # noqa: E402
+from deeplight.data.synth import synthesize  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

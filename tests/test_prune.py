@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deeplight import checkpoint
-from deeplight.config import Config
-from deeplight.errors import DeeplightError
-from deeplight.model import DeepFwFM
-from deeplight.prune import Pruner, Targets, damped_sparsity, prune, sparsity
-from deeplight.train import train
+from deeplight.model import checkpoint
+from deeplight.base.config import Config
+from deeplight.base.errors import DeeplightError
+from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.model.prune import Pruner, Targets, damped_sparsity, prune, sparsity
+from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
 

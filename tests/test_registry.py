@@ -27,18 +27,22 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeplight.cli import main
-from deeplight.compact import CompactModel, compact_checkpoint
-from deeplight.config import Config
-from deeplight.errors import DeeplightError
-from deeplight.evaluate import evaluate_model
-from deeplight.features import FeatureMap, hash_dataset
-from deeplight.ingest import ingest, parse_records
-from deeplight.prune import prune
-from deeplight.registry import BadRowsError, log_evaluation, promote, register_model
-from deeplight.schema import get_schema
-from deeplight.synth import synthesize
-from deeplight.tracking import MlflowTracker, tracking_uri
-from deeplight.train import train
+from deeplight.serve.engine import CompactModel
+from deeplight.serve.export import compact_checkpoint
+from deeplight.base.config import Config
+from deeplight.base.errors import DeeplightError
+from deeplight.evaluation.evaluate import evaluate_model
+from deeplight.data.feature_map import FeatureMap
+from deeplight.data.hashing import hash_dataset
+from deeplight.data.ingest import ingest
+from deeplight.data.validate import parse_records
+from deeplight.model.prune import prune
+from deeplight.ops.pyfunc import BadRowsError
+from deeplight.ops.registry import log_evaluation, promote, register_model
+from deeplight.data.schema import get_schema
+from deeplight.data.synth import synthesize
+from deeplight.ops.tracking import MlflowTracker, tracking_uri
+from deeplight.model.train import train
 
 CFG = Config().replace(**{"model.dnn": (16,), "train.batch_size": 512, "train.epochs": 2, "train.threads": 1,
                           "prune.dnn": 0.8, "prune.field": 0.6, "prune.embedding": 0.3, "prune.ramp_epochs": 1.0,
@@ -156,7 +160,7 @@ def test_register_sets_alias_and_tags_and_logs_the_exports(trained: dict, regist
     local = Path(mlflow.artifacts.download_artifacts("models:/ctr/1", tracking_uri=tracking_uri()))
     assert {p.name for p in (local / "artifacts").iterdir()} == {
         "compact.npz", "feature_map.json", "model.onnx", "model.torchscript.pt"}
-    assert (local / "code" / "deeplight" / "registry.py").is_file()  # serving needs no installed deeplight
+    assert (local / "code" / "deeplight" / "ops" / "pyfunc.py").is_file()  # serving needs no installed deeplight
     info = mlflow.models.get_model_info("models:/ctr/1")
     inputs = info.signature.inputs
     assert inputs.input_names() == COLUMNS

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from deeplight.cli import main as cli_main
-from deeplight.errors import DeeplightError
-from deeplight.report import load_summary, machine_info, trial_table, write_report
-from deeplight.sweep import choose, pareto_front
+from deeplight.base.errors import DeeplightError
+from deeplight.evaluation.sweep_report import load_summary, machine_info, trial_table, write_report
+from deeplight.ops.sweep import choose, pareto_front
 
 FIELDS = ["I1", "I2", "C1", "C2", "C3"]
 

@@ -7,8 +7,8 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from deeplight.errors import DeeplightError
-from deeplight.schema import AVAZU, CRITEO, Column, DatasetSchema, get_schema, valid_yymmddhh, weekday
+from deeplight.base.errors import DeeplightError
+from deeplight.data.schema import AVAZU, CRITEO, Column, DatasetSchema, get_schema, valid_yymmddhh, weekday
 
 
 def test_criteo_layout():

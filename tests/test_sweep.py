@@ -23,16 +23,16 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from deeplight import checkpoint
+from deeplight.model import checkpoint
 from deeplight.cli import main as cli_main
-from deeplight.errors import DeeplightError
-from deeplight.features import hash_dataset
-from deeplight.ingest import ingest
-from deeplight.model import DeepFwFM
-from deeplight.sweep import (SearchSpace, SweepSettings, choose, load_study, open_storage, pareto_front,
+from deeplight.base.errors import DeeplightError
+from deeplight.data.hashing import hash_dataset
+from deeplight.data.ingest import ingest
+from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.ops.sweep import (SearchSpace, SweepSettings, choose, load_study, open_storage, pareto_front,
                              run_sweep)
-from deeplight.synth import synthesize
-from deeplight.train import evaluate
+from deeplight.data.synth import synthesize
+from deeplight.model.train import evaluate
 
 from conftest import REPO
 
@@ -66,7 +66,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory):
         settings = SweepSettings(study="toy", n_trials=N_TRIALS, latency_calls=200, tolerance=1.0,
                                  space=SearchSpace(finetune_epochs=(1, 1)))
         summary = run_sweep(data, root / "out", settings, overrides=TINY, register="sweep-test-model")
-        from deeplight.tracking import client
+        from deeplight.ops.tracking import client
 
         yield SimpleNamespace(root=root, data=data, settings=settings, summary=summary, out=root / "out",
                               client=client(), dense=root / "out" / "dense" / "best.pt",
@@ -281,8 +281,8 @@ def test_stale_trial_without_a_recorded_run_is_failed_by_its_tags(mlflow_store, 
     """A worker that dies after opening a trial's MLflow run but before recording its id in the trial: the
     stale-trial callback still finds the run (by study, parent and trial number) and fails it, and leaves
     another study's run with the same trial number alone."""
-    from deeplight.sweep import TrialLogger
-    from deeplight.tracking import MlflowTracker
+    from deeplight.ops.sweep import TrialLogger
+    from deeplight.ops.tracking import MlflowTracker
 
     tracker = MlflowTracker("stale-runs")
     parent = tracker.client.create_run(tracker.experiment_id, run_name="sweep").info.run_id
@@ -418,7 +418,7 @@ def test_sweep_pipeline_runs_locally_and_compiles(tmp_path, monkeypatch):
     pytest.importorskip("kfp")
     from kfp import compiler, local
 
-    from deeplight.synth import synthesize
+    from deeplight.data.synth import synthesize
     from pipelines.sweep_pipeline import sweep_pipeline
 
     for k, v in _env(tmp_path).items():
@@ -433,7 +433,7 @@ def test_sweep_pipeline_runs_locally_and_compiles(tmp_path, monkeypatch):
                    model_name="deeplight-sweep-test", run_name="sweep-test")
     study = _study(SimpleNamespace(storage=url), "kfp", url)
     assert [t.state.name for t in study.get_trials()].count("COMPLETE") == 3
-    from deeplight.tracking import client
+    from deeplight.ops.tracking import client
 
     c = client()
     # MLflow: pipeline run -> sweep run -> one run per trial; the chosen model registered with its test metrics.

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from deeplight import synth
-from deeplight.errors import DeeplightError
-from deeplight.schema import get_schema
+from deeplight.data import synth
+from deeplight.base.errors import DeeplightError
+from deeplight.data.schema import get_schema
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SAMPLES = {"criteo": REAL_DATA / "criteo" / "train_10k.txt", "avazu": REAL_DATA / "avazu" / "train_8k.csv"}
@@ -367,7 +367,7 @@ def test_bad_arguments_and_foreign_values_are_named(tmp_path, big_criteo):
 
 _RSS_SCRIPT = """
 import resource, sys
-from deeplight.synth import synthesize
+from deeplight.data.synth import synthesize
 synthesize("criteo", rows=int(sys.argv[1]), seed=0, out="/dev/null", truth_path=sys.argv[2])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

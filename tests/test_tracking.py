@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deeplight.config import Config
-from deeplight.tracking import MlflowTracker, redact, tracking_uri
-from deeplight.train import train
+from deeplight.base.config import Config
+from deeplight.ops.tracking import MlflowTracker, redact, tracking_uri
+from deeplight.model.train import train
 
 CFG = Config().replace(**{"model.dnn": (16,), "train.batch_size": 512, "train.epochs": 2, "train.threads": 1})
 

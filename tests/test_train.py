@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeplight import checkpoint
-from deeplight.config import Config
-from deeplight.data import SplitLoader
-from deeplight.errors import DeeplightError
-from deeplight.train import train
+from deeplight.model import checkpoint
+from deeplight.base.config import Config
+from deeplight.data.loader import SplitLoader
+from deeplight.base.errors import DeeplightError
+from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
 
@@ -152,8 +152,8 @@ def test_bad_inputs_fail_clearly(toy_hashed: Path, tmp_path: Path):
 
 
 def test_dnn_gets_its_own_weight_decay():
-    from deeplight.model import DeepFwFM
-    from deeplight.train import param_groups
+    from deeplight.model.deepfwfm import DeepFwFM
+    from deeplight.model.train import param_groups
 
     model = DeepFwFM([5, 7, 3], dnn=(8,))
     tc = Config().replace(**{"train.weight_decay": 1e-4, "train.dnn_weight_decay": 1e-2}).train

@@ -1,0 +1,333 @@
+"""`deeplight pipeline compile | run-local | submit`: the KFP pipeline (pipelines/deeplight_pipeline.py) from the
+command line. This module and the components are the only deeplight code that imports kfp (lazily).
+
+    deeplight pipeline compile [--out pipelines/deeplight_pipeline.yaml] [--image REGISTRY/deeplight:TAG]
+    deeplight pipeline run-local [--input FILE ...] [--rows 300000] [--epochs 2] [pipeline settings]
+    deeplight pipeline submit --host https://kfp.example.com --input s3://bucket/day_0.gz [--image ...] [settings]
+
+`run-local` (what `make run` does) runs the whole pipeline with kfp.local.SubprocessRunner in this venv: with
+no --input it generates the synthetic Criteo file once (data/default/), tracks into the embedded MLflow store
+under ./mlruns (absolute path, passed to the steps through the environment), then prints the dense vs pruned
+table read back from MLflow. `submit` uploads the compiled pipeline with kfp.Client and starts a run; the
+steps then read S3 and log to the MLflow server named by the cluster's environment (README: cluster set-up).
+
+Pipeline settings (both commands): --dataset, --split, --split-mode, --seed, --min-count | --buckets,
+--epochs, --dnn/--field/--embedding sparsity, --mode, --ramp-epochs, --finetune-epochs, --config JSON
+(dotted Config overrides), --model-name, --promote, --tolerance, --latency-slo-us, --run-name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from deeplight.base.errors import DeeplightError
+
+DEFAULT_YAML = Path("pipelines") / "deeplight_pipeline.yaml"  # relative: where a checkout keeps it
+DEFAULT_ROWS = 300_000
+# make run: sized so that the whole pipeline takes a few minutes on 2 idle cores. On 300k rows the dense
+# model's valid AUC peaks after the first epoch even with the default weight decay (on 1M rows: ~8 epochs,
+# bench/RESULTS.md), so 2 epochs are enough; pruning ramps over one epoch and fine-tunes one more at the
+# paper's operating point (90% DNN, 90% field pairs, 40% embeddings).
+LOCAL_DEFAULTS = {"epochs": 2, "ramp_epochs": 1.0, "finetune_epochs": 1}
+
+# CLI flag -> pipeline parameter
+_FLAGS = {
+    "dataset": "dataset", "split": "split", "split_mode": "split_mode", "seed": "seed", "min_count": "min_count",
+    "buckets": "buckets", "epochs": "epochs", "dnn": "dnn_sparsity", "field": "field_sparsity",
+    "embedding": "embedding_sparsity", "mode": "prune_mode", "ramp_epochs": "ramp_epochs",
+    "finetune_epochs": "finetune_epochs", "config": "config_overrides", "model_name": "model_name",
+    "promote": "promote_model", "tolerance": "promote_tolerance", "latency_slo_us": "latency_slo_us",
+    "run_name": "run_name",
+}
+
+
+def _import_pipeline():
+    """pipelines.deeplight_pipeline: an installed package (pyproject lists `pipelines` and `components`)."""
+    from pipelines import deeplight_pipeline
+
+    return deeplight_pipeline
+
+
+# --- compile ---------------------------------------------------------------------------------------------
+
+def compile_pipeline(out: str | Path = DEFAULT_YAML, image: str | None = None) -> Path:
+    """Compile the pipeline to IR YAML; `image` replaces the image of every step (a registry image for a
+    cluster). Without it the YAML is byte-identical to the committed pipelines/deeplight_pipeline.yaml."""
+    from kfp import compiler
+
+    module = _import_pipeline()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(module.deeplight_pipeline, str(out))
+    if image:
+        _set_image(out, image)
+    return out
+
+
+def _set_image(path: Path, image: str) -> None:
+    import yaml
+
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = image
+    with open(path, "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=True)
+
+
+# --- parameters ------------------------------------------------------------------------------------------
+
+def pipeline_arguments(a: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pipeline's arguments from CLI flags (unset flags: `defaults`, then the pipeline's defaults),
+    validated now by building the run's Config, so a bad setting fails before anything runs."""
+    from deeplight.steps.pipeline import parse_split, pipeline_config
+
+    args: dict[str, Any] = dict(defaults or {})
+    for flag, param in _FLAGS.items():
+        value = getattr(a, flag, None)
+        if value is not None and value is not False:
+            args[param] = value
+    if getattr(a, "input", None):
+        args["input_uris"] = list(a.input)
+    if "split" in args:
+        args["split"] = ",".join(str(x) for x in parse_split(args["split"]))
+    pipeline_config(**{k: args.get(k) for k in ("dataset", "split", "split_mode", "seed", "min_count", "buckets",
+                                                 "epochs", "dnn_sparsity", "field_sparsity",
+                                                 "embedding_sparsity", "prune_mode", "ramp_epochs",
+                                                 "finetune_epochs")},
+                    overrides=args.get("config_overrides"))
+    return args
+
+
+# --- run locally -----------------------------------------------------------------------------------------
+
+def default_input(rows: int = DEFAULT_ROWS, seed: int = 0, data_root: str | Path = "data/default") -> Path:
+    """The synthetic Criteo file of `make run`, generated on first use."""
+    from deeplight.data.synth import synthesize
+
+    raw = Path(data_root).absolute() / f"criteo-synth-{rows}-seed{seed}" / "raw.txt"
+    if not raw.exists():
+        print(f"generating {rows:,} synthetic Criteo rows -> {raw} (first use only)", flush=True)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        synthesize("criteo", rows=rows, seed=seed, out=str(raw))
+    return raw
+
+
+def local_environment(mlruns: str | Path | None = None) -> dict[str, str]:
+    """Environment for local steps (they inherit this process's): the embedded MLflow store as an absolute
+    path unless MLFLOW_TRACKING_URI names a server; telemetry off."""
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        env["DEEPLIGHT_MLRUNS"] = str(Path(mlruns or os.environ.get("DEEPLIGHT_MLRUNS") or "mlruns").absolute())
+    os.environ.update(env)
+    return env
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
+              mlruns: str | Path | None = None) -> dict[str, Any]:
+    """Run the pipeline with kfp.local.SubprocessRunner in this venv; returns the summary read from MLflow.
+    A failed step raises DeeplightError with the step's own message (also on the MLflow parent run)."""
+    from kfp import local
+
+    local_environment(mlruns)
+    arguments = dict(arguments)
+    arguments["input_uris"] = [u if "://" in u else str(Path(u).absolute()) for u in arguments["input_uris"]]
+    # A unique MLflow run name: how this process finds the parent run the pipeline opened.
+    if not arguments.get("run_name"):
+        arguments["run_name"] = time.strftime("local-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+    root = Path(pipeline_root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    pipeline = _import_pipeline().deeplight_pipeline
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # Expected here, once per step: the steps run in this venv, not in the image they name, and
+            # display names only show on a cluster.
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect")
+            pipeline(**arguments)
+    except RuntimeError as e:
+        raise DeeplightError(_failure_message(arguments["run_name"], e)) from None
+    summary = summarize(arguments["run_name"])
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["pipeline_root"] = str(root)
+    return summary
+
+
+def _failure_message(run_name: str, error: Exception) -> str:
+    from deeplight.steps.pipeline import ERROR_TAG, find_pipeline_run
+
+    run = find_pipeline_run(run_name=run_name)
+    detail = run.data.tags.get(ERROR_TAG) if run is not None else None
+    where = f" (MLflow run {run.info.run_id})" if run is not None else ""
+    return f"pipeline failed{where}: {detail or error}"
+
+
+# --- the summary table -----------------------------------------------------------------------------------
+
+def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
+    """What MLflow holds for one pipeline run: the parent run, its child runs by step, the registered
+    version, and the dense vs pruned rows of the table."""
+    from deeplight.steps.pipeline import REGISTERED_TAG, find_pipeline_run
+    from deeplight.ops.tracking import client, experiment_id, tracking_uri
+
+    c = client()
+    parent = c.get_run(parent_run_id) if parent_run_id else find_pipeline_run(run_name=run_name)
+    if parent is None:
+        raise DeeplightError(f"no MLflow pipeline run named {run_name!r} in {tracking_uri()}")
+    children = c.search_runs([experiment_id(c)], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                             order_by=["attributes.start_time ASC"])
+    m = parent.data.metrics
+    rows = {}
+    for variant in ("dense", "pruned"):
+        rows[variant] = {k[len(variant) + 1:]: v for k, v in m.items() if k.startswith(variant + "_")}
+    return {
+        "run_name": parent.info.run_name, "parent_run_id": parent.info.run_id, "status": parent.info.status,
+        "children": {r.info.run_name: r.info.run_id for r in children},
+        "registered": parent.data.tags.get(REGISTERED_TAG, ""),
+        "rows": rows, "tracking_uri": tracking_uri(),
+    }
+
+
+# (column, metric on the parent run without the variant prefix, scale, format): what deeplight.evaluation.evaluate measured
+TABLE_COLUMNS = (("test AUC", "test_auc", 1, "{:.4f}"), ("test logloss", "test_logloss", 1, "{:.4f}"),
+                 ("latency batch 1 (us)", "latency_us_b1", 1, "{:.1f}"),
+                 ("latency batch 4096 (ms)", "latency_us_b4096", 1e-3, "{:.2f}"),
+                 ("size (KB)", "model_bytes", 1 / 1024, "{:,.0f}"),
+                 ("nonzero params", "params_nonzero", 1, "{:,.0f}"))
+
+
+def table_lines(summary: dict[str, Any]) -> list[str]:
+    """The dense vs pruned table (markdown) from the summary's rows."""
+    lines = ["| model | " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for variant, row in summary["rows"].items():
+        cells = ["n/a" if row.get(key) is None else fmt.format(row[key] * scale)
+                 for _, key, scale, fmt in TABLE_COLUMNS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print()
+    print("\n".join(table_lines(summary)))
+    print(f"\nMLflow: parent run {summary['run_name']} ({summary['parent_run_id']}, {summary['status']}) with "
+          f"child runs {', '.join(summary['children'])}; store {summary['tracking_uri']}")
+    if summary["registered"]:
+        print(f"registered model version {summary['registered']} (alias challenger)")
+    if "seconds" in summary:
+        print(f"pipeline took {summary['seconds']:.0f} s; step outputs under {summary['pipeline_root']}")
+    print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
+
+
+# --- submit to a cluster ---------------------------------------------------------------------------------
+
+def submit(host: str | None, arguments: dict[str, Any], package: str | Path | None = None,
+           image: str | None = None, experiment: str = "deeplight", run_name: str | None = None,
+           namespace: str | None = None) -> dict[str, Any]:
+    """Upload the compiled pipeline to the KFP API at `host` and start a run with `arguments`. Without
+    `package`, or with `image`, the pipeline is compiled now. A bearer token, when needed, comes from the
+    environment variable KFP_TOKEN (never a flag: it would end up in shell history)."""
+    import kfp
+
+    if not arguments.get("input_uris"):
+        raise DeeplightError("submit: give the input data with --input (s3:// URIs the cluster can read)")
+    if not (host or os.environ.get("KF_PIPELINES_ENDPOINT")):
+        raise DeeplightError("submit: give the KFP API with --host URL (or KF_PIPELINES_ENDPOINT)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if package is None or image:
+            if package is not None:
+                raise DeeplightError("submit: --image recompiles the pipeline; do not combine it with --package")
+            package = compile_pipeline(Path(tmp) / "deeplight_pipeline.yaml", image=image)
+        elif not Path(package).is_file():
+            raise DeeplightError(f"{package}: no such pipeline package")
+        try:
+            with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": on every call
+                warnings.simplefilter("ignore", FutureWarning)
+                client = kfp.Client(host=host, namespace=namespace,
+                                    existing_token=os.environ.get("KFP_TOKEN") or None)
+            result = client.create_run_from_pipeline_package(
+                str(package), arguments=arguments, run_name=run_name or arguments.get("run_name") or None,
+                experiment_name=experiment, namespace=namespace, enable_caching=False)
+        except Exception as e:  # connection refused, 4xx/5xx from the API: the user's host or cluster
+            if type(e).__module__.split(".")[0] in ("kfp", "kfp_server_api", "urllib3", "requests"):
+                raise DeeplightError(f"submit to {host}: {type(e).__name__}: {str(e).strip()[:500]}") from None
+            raise
+    run_id = result.run_id
+    return {"run_id": run_id, "run_url": f"{(host or '').rstrip('/')}/#/runs/details/{run_id}",
+            "experiment": experiment, "arguments": arguments}
+
+
+# --- argparse (no kfp import: `deeplight --help` stays fast) ---------------------------------------------
+
+def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("pipeline settings (default: deeplight's Config defaults)")
+    g.add_argument("--dataset", help="schema name: criteo | avazu")
+    g.add_argument("--split", help="train,valid,test fractions, e.g. 0.8,0.1,0.1")
+    g.add_argument("--split-mode", choices=["random", "sequential"])
+    g.add_argument("--seed", type=int)
+    h = g.add_mutually_exclusive_group()
+    h.add_argument("--min-count", type=int, help="vocabulary of values seen >= K times in train (default 8)")
+    h.add_argument("--buckets", type=int, help="stable hashing into N buckets per field instead")
+    g.add_argument("--epochs", type=int, help="dense training epochs")
+    g.add_argument("--dnn", type=float, help="DNN sparsity target (default 0.9)")
+    g.add_argument("--field", type=float, help="field-pair sparsity target (default 0.9)")
+    g.add_argument("--embedding", type=float, help="embedding sparsity target (default 0.4)")
+    g.add_argument("--mode", choices=["unstructured", "structured"], help="pruning mode")
+    g.add_argument("--ramp-epochs", type=float, help="epochs over which sparsity ramps up")
+    g.add_argument("--finetune-epochs", type=int, help="epochs at full sparsity after the ramp")
+    g.add_argument("--config", help='JSON object of dotted Config overrides, e.g. \'{"model.dnn": [400, 400]}\'')
+    g.add_argument("--model-name", help="registered model name (default deeplight-ctr)")
+    g.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
+    g.add_argument("--tolerance", type=float, help="promotion: max AUC drop vs the champion (default 0.001)")
+    g.add_argument("--latency-slo-us", type=float, help="promotion: latency SLO in microseconds (0: none)")
+    g.add_argument("--run-name", help="MLflow parent run name (default: generated)")
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+
+    sp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML",
+                        description="compile the pipeline to KFP IR YAML")
+    sp.add_argument("--out", default=str(DEFAULT_YAML), help="default: pipelines/deeplight_pipeline.yaml")
+    sp.add_argument("--image", help="image of every step (default deeplight:local), e.g. REGISTRY/deeplight:TAG")
+
+    sp = sub.add_parser("run-local", help="run the whole pipeline locally (kfp.local), tracked in ./mlruns",
+                        description="run the whole pipeline locally with kfp.local.SubprocessRunner (make run)")
+    sp.add_argument("--input", nargs="+", help="raw files (default: synthetic Criteo, generated on first use)")
+    sp.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of the default synthetic data")
+    sp.add_argument("--pipeline-root", default="out/kfp", help="where step outputs go")
+    add_pipeline_settings(sp)
+
+    sp = sub.add_parser("submit", help="upload the pipeline to a KFP cluster and start a run",
+                        description="upload the compiled pipeline to a KFP API (kfp.Client) and start a run")
+    sp.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT); token from $KFP_TOKEN")
+    sp.add_argument("--input", nargs="+", help="raw files the cluster can read (s3://bucket/key)")
+    sp.add_argument("--package", help="a compiled pipeline YAML (default: compile now)")
+    sp.add_argument("--image", help="image of every step, e.g. REGISTRY/deeplight:TAG (compiles now)")
+    sp.add_argument("--experiment", default="deeplight", help="KFP experiment")
+    sp.add_argument("--namespace", help="Kubeflow namespace (multi-user clusters)")
+    add_pipeline_settings(sp)
+
+
+def main(a: argparse.Namespace) -> None:
+    if a.pipeline_command == "compile":
+        print(compile_pipeline(a.out, image=a.image))
+    elif a.pipeline_command == "run-local":
+        defaults = dict(LOCAL_DEFAULTS)
+        if not a.input:
+            seed = a.seed if a.seed is not None else 0
+            defaults["input_uris"] = [str(default_input(a.rows, seed))]
+        summary = run_local(pipeline_arguments(a, defaults), pipeline_root=a.pipeline_root)
+        print_summary(summary)
+    elif a.pipeline_command == "submit":
+        result = submit(a.host, pipeline_arguments(a), package=a.package, image=a.image, experiment=a.experiment,
+                        run_name=a.run_name, namespace=a.namespace)
+        print(json.dumps(result, indent=2, sort_keys=True))

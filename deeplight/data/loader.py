@@ -1,0 +1,118 @@
+"""Streaming batches from hashed Parquet splits: record batches straight to tensors, bounded shuffle buffer.
+
+    loader = SplitLoader("data/hashed", "train", batch_size=2048, shuffle=True, seed=0)
+    for ids, labels in loader.epoch(0):      # ids int64 (B, F), labels float32 (B,)
+        ...
+    loader.rows, loader.num_batches()
+
+Memory is bounded by `buffer_rows` (plus one Parquet record batch), whatever the split size. The order is a
+pure function of (seed, epoch), so an interrupted epoch can be replayed to the same position (`skip_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from deeplight.base.errors import DeeplightError
+from deeplight.base.files import read_json
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The hashed dataset's manifest; a clear error when `data_dir` is not a hashed dataset."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.exists():
+        raise DeeplightError(f"{data_dir}: not a hashed dataset (no manifest.json; run `deeplight hash` first)")
+    manifest = read_json(path)
+    for key in ("field_names", "field_sizes", "rows"):
+        if key not in manifest:
+            raise DeeplightError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    split_dir = Path(data_dir) / split
+    if not split_dir.is_dir():
+        raise DeeplightError(f"{data_dir}: missing split {split!r} (expected a directory {split_dir})")
+    return sorted(split_dir.glob("*.parquet"))
+
+
+class SplitLoader:
+    """Batches of (ids, labels) from one split of a hashed dataset."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int = 2048, shuffle: bool = False,
+                 seed: int = 0, buffer_rows: int = 262_144, read_rows: int = 65_536):
+        manifest = read_manifest(data_dir)
+        self.fields: list[str] = list(manifest["field_names"])
+        self.files = split_files(data_dir, split)
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.buffer_rows = max(buffer_rows, batch_size)
+        self.read_rows = read_rows
+        self.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        expected = manifest["rows"].get(split)
+        if expected is not None and expected != self.rows:
+            raise DeeplightError(f"{data_dir}/{split}: manifest says {expected} rows, files hold {self.rows}")
+        for f in self.files[:1]:
+            names = pq.ParquetFile(f).schema_arrow.names
+            missing = [c for c in [*self.fields, "label"] if c not in names]
+            if missing:
+                raise DeeplightError(f"{f}: columns {missing} named by the manifest are missing (schema mismatch)")
+
+    def num_batches(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def _chunks(self, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order = rng.permutation(len(self.files)) if rng is not None else range(len(self.files))
+        for i in order:
+            pf = pq.ParquetFile(self.files[i])
+            for rb in pf.iter_batches(batch_size=self.read_rows, columns=[*self.fields, "label"]):
+                ids = np.empty((rb.num_rows, len(self.fields)), dtype=np.int64)
+                for j in range(len(self.fields)):
+                    ids[:, j] = rb.column(j).to_numpy(zero_copy_only=False)
+                yield ids, rb.column(len(self.fields)).to_numpy(zero_copy_only=False).astype(np.float32)
+
+    def _buffered(self, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Fill a buffer up to `buffer_rows`, shuffle it, emit whole batches, carry the remainder."""
+        ids_buf: list[np.ndarray] = []
+        y_buf: list[np.ndarray] = []
+        held = 0
+        for ids, y in self._chunks(rng):
+            ids_buf.append(ids)
+            y_buf.append(y)
+            held += len(y)
+            if held >= self.buffer_rows:
+                rest_ids, rest_y = yield from self._emit(ids_buf, y_buf, rng, final=False)
+                ids_buf, y_buf, held = [rest_ids], [rest_y], len(rest_y)
+        if held:
+            yield from self._emit(ids_buf, y_buf, rng, final=True)
+
+    def _emit(self, ids_buf: list[np.ndarray], y_buf: list[np.ndarray], rng: np.random.Generator | None,
+              final: bool):
+        ids_all, y_all = np.concatenate(ids_buf), np.concatenate(y_buf)
+        if rng is not None:
+            perm = rng.permutation(len(y_all))
+            ids_all, y_all = ids_all[perm], y_all[perm]
+        end = len(y_all) if final else len(y_all) // self.batch_size * self.batch_size
+        for s in range(0, end, self.batch_size):
+            yield ids_all[s:s + self.batch_size], y_all[s:s + self.batch_size]
+        return ids_all[end:], y_all[end:]
+
+    def epoch(self, epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the split; the order depends only on (seed, epoch). Skipped batches are not yielded."""
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        for k, (ids, y) in enumerate(self._buffered(rng)):
+            if k >= skip_batches:
+                yield torch.from_numpy(ids), torch.from_numpy(y)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)

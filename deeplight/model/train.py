@@ -1,0 +1,273 @@
+"""Training: streaming batches, Adam, early stopping on valid AUC, resumable checkpoints.
+
+    from deeplight.base.config import Config
+    from deeplight.model.train import train
+    result = train("data/hashed", "out/dense", Config())   # resumes if out/dense holds an unfinished run
+    result["test"]["auc"]
+
+The valid split selects the best epoch; the test split is scored once, at the end, for the report only.
+`Trainer` is shared with pruning, which adds a per-step hook and extra state (masks) to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deeplight.model import checkpoint
+
+from deeplight.model import metrics
+from deeplight.base.config import Config, TrainConfig
+from deeplight.data.loader import SplitLoader, read_manifest
+from deeplight.base.errors import DeeplightError
+from deeplight.base.files import write_json
+from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.base.provenance import code_version
+from deeplight.base.tracker import NullTracker, RunLog, Tracker
+
+EVAL_BATCH = 16_384
+
+
+@dataclass
+class Progress:
+    """Everything besides tensors needed to resume exactly where a run stopped."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps overall
+    loss_sum: float = 0.0  # running training loss of the current epoch
+    loss_rows: int = 0
+    seconds: float = 0.0  # training time of the current epoch so far
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    run_id: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TrainHooks(Protocol):
+    """Extension points used by pruning."""
+
+    def after_step(self, model: DeepFwFM, step: int) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+    def epoch_metrics(self, model: DeepFwFM) -> dict[str, float]: ...
+
+    def selectable(self) -> bool:
+        """Whether the model may be chosen as best now (pruning: only once the target sparsity is reached)."""
+        ...
+
+
+@torch.no_grad()
+def predict(model: DeepFwFM, loader: SplitLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, click probabilities) over a split, in file order, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    ys, ps = [], []
+    for ids, y in loader.epoch(0):
+        ys.append(y.numpy())
+        ps.append(torch.sigmoid(model(ids)).numpy())
+    model.train(was_training)
+    if not ys:
+        raise DeeplightError(f"split {loader.split!r} is empty")
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def evaluate(model: DeepFwFM, data_dir: str | Path, split: str) -> dict[str, float]:
+    labels, probs = predict(model, SplitLoader(data_dir, split, batch_size=EVAL_BATCH))
+    return metrics.evaluate_arrays(labels, probs)
+
+
+def param_groups(model: DeepFwFM, tc: TrainConfig) -> list[dict[str, Any]]:
+    """Adam parameter groups: the DNN has its own weight decay (`dnn_weight_decay`, default: `weight_decay`)."""
+    dnn = [p for n, p in model.named_parameters() if n.startswith("dnn.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("dnn.")]
+    dnn_wd = tc.weight_decay if tc.dnn_weight_decay is None else tc.dnn_weight_decay
+    return [g for g in ({"params": rest, "weight_decay": tc.weight_decay},
+                        {"params": dnn, "weight_decay": dnn_wd}) if g["params"]]
+
+
+class Trainer:
+    """One resumable training run writing `last.pt` (resume state), `best.pt` and `results.json` to out_dir."""
+
+    def __init__(self, model: DeepFwFM, data_dir: str | Path, out_dir: str | Path, cfg: Config, *,
+                 epochs: int, hooks: TrainHooks | None = None, lr: float | None = None):
+        self.model, self.cfg, self.epochs, self.hooks = model, cfg, epochs, hooks
+        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.manifest = read_manifest(data_dir)
+        self.train_loader = SplitLoader(data_dir, "train", batch_size=cfg.train.batch_size, shuffle=True,
+                                        seed=cfg.train.seed, buffer_rows=cfg.train.shuffle_buffer)
+        if self.train_loader.rows == 0:
+            raise DeeplightError(f"{data_dir}: the train split is empty")
+        SplitLoader(data_dir, "valid")  # fail now, not after an epoch, when the valid split is missing
+        # fused: the same algorithm in one kernel per step, ~2x faster training on CPU (Adam dominates a step).
+        self.optimizer = torch.optim.Adam(param_groups(model, cfg.train), lr=lr or cfg.train.lr, fused=True)
+        self.progress = Progress()
+        self.checkpoint_every = cfg.train.checkpoint_every
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def data_fingerprint(self) -> str:
+        fps = self.manifest.get("fingerprints", {})
+        return f"{fps.get('train', '?')}:{fps.get('valid', '?')}"
+
+    def _save_last(self) -> None:
+        checkpoint.save({
+            "spec": self.model.spec, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(), "progress": asdict(self.progress), "config": self.cfg.to_json(),
+            "data_fingerprint": self.data_fingerprint(), "extra": self.hooks.state() if self.hooks else {},
+        }, self.last_path)
+
+    def try_resume(self) -> bool:
+        """Load `last.pt` when present; refuse a checkpoint of another config or dataset."""
+        if not self.last_path.exists():
+            return False
+        ck = checkpoint.load(self.last_path)
+        # Compared as Config objects: a checkpoint written before a setting existed gets its default.
+        if Config.from_dict(json.loads(ck["config"])) != self.cfg:
+            raise DeeplightError(f"{self.out_dir} holds a run with a different config; use another --out "
+                                 "or delete it")
+        if ck["data_fingerprint"] != self.data_fingerprint():
+            raise DeeplightError(f"{self.out_dir} holds a run on different data; use another --out or delete it")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        self.progress = Progress(**ck["progress"])
+        if self.hooks:
+            self.hooks.load_state(ck["extra"])
+        return True
+
+    def _save_best(self, valid: dict[str, float]) -> None:
+        checkpoint.save({
+            "spec": self.model.spec, "model": self.model.state_dict(), "config": self.cfg.to_json(),
+            "epoch": self.progress.epoch, "valid": valid, "field_names": self.manifest["field_names"],
+            "feature_map_fingerprint": self.manifest.get("feature_map_fingerprint", ""),
+            "dataset": self.manifest.get("dataset", ""), "extra": self.hooks.state() if self.hooks else {},
+        }, self.best_path)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def run(self, log: RunLog) -> dict[str, Any]:
+        p, cfg = self.progress, self.cfg
+        while p.epoch < self.epochs and p.bad_epochs < max(cfg.train.patience, 1):
+            self._train_epoch()
+            valid = evaluate(self.model, self.data_dir, "valid")
+            extra = self.hooks.epoch_metrics(self.model) if self.hooks else {}
+            epoch_metrics = {"train_loss": p.loss_sum / max(p.loss_rows, 1), "valid_auc": valid["auc"],
+                             "valid_logloss": valid["logloss"], "samples_per_s": p.loss_rows / max(p.seconds, 1e-9),
+                             **extra}
+            log.log_metrics(epoch_metrics, step=p.epoch)
+            p.history.append({"epoch": p.epoch, **epoch_metrics})
+            if self.hooks is None or self.hooks.selectable():
+                if valid["auc"] > p.best_auc:
+                    p.best_auc, p.best_epoch, p.bad_epochs = valid["auc"], p.epoch, 0
+                    self._save_best(valid)
+                else:
+                    p.bad_epochs += 1
+            p.epoch, p.batch, p.loss_sum, p.loss_rows, p.seconds = p.epoch + 1, 0, 0.0, 0, 0.0
+            self._save_last()
+        return self._final_report(log)
+
+    def run_tracked(self, tracker: Tracker, run_name: str, params: dict[str, Any], tags: dict[str, Any] | None = None,
+                    finish: Callable[[dict[str, Any], RunLog], None] | None = None) -> dict[str, Any]:
+        """`run` inside its MLflow run (reopened on resume): params and provenance tags once, then results.json,
+        the learning curve and best.pt as artifacts. `finish` extends the result before it is written."""
+        with tracker.run(run_name, resume_id=self.progress.run_id) as log:
+            if self.progress.run_id is None:  # a fresh run, or one killed before its first checkpoint
+                self.progress.run_id = log.run_id
+                log.log_params(params)
+                log.set_tags({"data_fingerprint": self.data_fingerprint(), "code_version": code_version(),
+                              "dataset": self.manifest.get("dataset", ""),
+                              "feature_map_fingerprint": self.manifest.get("feature_map_fingerprint", ""),
+                              **(tags or {})})
+            result = self.run(log)
+            if finish is not None:
+                finish(result, log)
+            write_json(self.out_dir / "results.json", result)
+            from deeplight.base.plots import learning_curve  # matplotlib only when a run finishes
+
+            curve = learning_curve(result["history"], self.out_dir / "learning_curve.png")
+            for path in (curve, self.out_dir / "results.json", self.best_path):
+                log.log_artifact(path)
+            result["run_id"] = log.run_id
+        return result
+
+    def _train_epoch(self) -> None:
+        p, model = self.progress, self.model
+        model.train()
+        bar = tqdm(total=self.train_loader.rows, initial=min(p.batch * self.train_loader.batch_size,
+                                                              self.train_loader.rows),
+                   unit="sample", unit_scale=True, desc=f"epoch {p.epoch + 1}/{self.epochs}", disable=None,
+                   leave=False)
+        started = time.perf_counter()
+        for ids, y in self.train_loader.epoch(p.epoch, skip_batches=p.batch):
+            loss = F.binary_cross_entropy_with_logits(model(ids), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            p.step += 1
+            p.batch += 1
+            if self.hooks:
+                self.hooks.after_step(model, p.step)
+            p.loss_sum += loss.item() * len(y)
+            p.loss_rows += len(y)
+            bar.update(len(y))
+            bar.set_postfix(loss=f"{p.loss_sum / p.loss_rows:.4f}")
+            if self.checkpoint_every and p.batch % self.checkpoint_every == 0:
+                p.seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self._save_last()
+        p.seconds += time.perf_counter() - started
+        bar.close()
+
+    def _final_report(self, log: RunLog) -> dict[str, Any]:
+        p = self.progress
+        best = checkpoint.load(self.best_path)
+        self.model.load_state_dict(best["model"])
+        if self.hooks:
+            self.hooks.load_state(best["extra"])
+        valid = best["valid"]
+        test = evaluate(self.model, self.data_dir, "test") if self.manifest["rows"].get("test") else {}
+        result = {
+            "model": self.model.spec["kind"], "best_epoch": p.best_epoch, "epochs_run": p.epoch,
+            "valid": valid, "test": test, "history": p.history,
+            "params": self.model.param_counts(), "data_fingerprint": self.data_fingerprint(),
+            "feature_map_fingerprint": self.manifest.get("feature_map_fingerprint", ""),
+            "code_version": code_version(), "checkpoint": str(self.best_path),
+        }
+        log.log_metrics({"best_valid_auc": valid["auc"], "best_valid_logloss": valid["logloss"],
+                         **({f"test_{k}": v for k, v in test.items() if isinstance(v, (int, float))})})
+        return result
+
+
+def train(data_dir: str | Path, out_dir: str | Path, cfg: Config, tracker: Tracker | None = None,
+          run_name: str = "train") -> dict[str, Any]:
+    """Train a dense model (cfg.model.kind) on a hashed dataset; resumes an unfinished run in out_dir."""
+    tracker = tracker or NullTracker()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    manifest = read_manifest(data_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = DeepFwFM.from_config(manifest["field_sizes"], cfg.model)
+    trainer = Trainer(model, data_dir, out_dir, cfg, epochs=cfg.train.epochs)
+    trainer.try_resume()
+    return trainer.run_tracked(tracker, run_name, params={**cfg.flat(), "data_dir": str(data_dir)})

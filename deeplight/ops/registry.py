@@ -1,0 +1,279 @@
+"""MLflow model registry: log evaluations, register a model that scores raw rows, promote it behind a gate.
+
+    from deeplight.ops.registry import log_evaluation, register_model, promote
+    reg = register_model("out/pruned", "data/hashed", "deeplight-criteo", parent_run_id=run_id)  # -> challenger
+    decision = promote("deeplight-criteo", tolerance=0.001, latency_slo_us=50)            # challenger -> champion?
+    model = mlflow.pyfunc.load_model("models:/deeplight-criteo@champion")
+    model.predict(raw_rows_df)      # columns of the raw dataset (label optional) -> click probabilities
+
+The registered model is a pyfunc (`RawRowsModel`) over raw rows, the original Criteo/Avazu columns as strings
+or numbers (a DataFrame, a list of dicts): rows are validated by `ingest.parse_records` (the label and id
+columns optional), mapped to ids by the feature map, scored by the compact engine (no torch at serving time).
+Its artifacts: compact.npz, feature_map.json, model.onnx, model.torchscript.pt (the exports, attached for other
+runtimes). The signature lists every raw column with type Any, so MLflow names a missing column itself and
+leaves values to our validation, which names the row and field of a bad value; a bad value reaches a client
+of `mlflow models serve` as HTTP 400 with that message, never a stack trace.
+
+Code: models from code, no pickle. The pyfunc is `MODEL_CODE` (three lines that build a `RawRowsModel`) plus
+the `deeplight` package it was registered with (`code_paths`), which MLflow puts on sys.path when loading. So
+`mlflow.pyfunc.load_model` and `mlflow models serve --env-manager local` need only the pinned dependencies
+(`pip_requirements`: mlflow, numpy, pandas, pyarrow, numba, tqdm), not an installed deeplight; with
+`--env-manager virtualenv` MLflow installs those from PyPI.
+
+Aliases, not stages: a new version gets `challenger`; `promote` moves `champion` to it when it passes the gate
+(test AUC at most `tolerance` below the champion's on the same test data, batch-1 latency within the SLO).
+Version tags carry the evaluation (`test_auc`, `latency_us_b1`, ...), the sparsity targets, the data and
+feature-map fingerprints, the code version and the parent pipeline run; `promotion.*` tags the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from deeplight.base.errors import DeeplightError
+from deeplight.ops.pyfunc import MODEL_CODE, RawRowsModel, input_example, signature
+from deeplight.ops.tracking import MlflowTracker, client, redact, tracking_uri
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+ARTIFACT_FILES = {"compact": "compact.npz", "feature_map": "feature_map.json", "onnx": "model.onnx",
+                  "torchscript": "model.torchscript.pt"}
+SERVING_PACKAGES = ("mlflow", "numpy", "pandas", "pyarrow", "numba", "tqdm")  # what scoring imports
+_AUC_SLACK = 1e-12  # "not more than tolerance below" must hold for an AUC exactly tolerance below
+
+
+# --- evaluation runs -------------------------------------------------------------------------------------
+
+def log_evaluation(metrics: dict, plots_dir: str | None, tracker: Any) -> None:
+    """One MLflow run (`evaluate-<split>`) with the evaluation as metrics, tags, evaluation.json and plots."""
+    if tracker is None:
+        return
+    with tracker.run(f"evaluate-{metrics.get('split', 'test')}", tags={"stage": "evaluate"}) as log:
+        _log_evaluation_to(log, metrics, plots_dir)
+
+
+def _log_evaluation_to(log: Any, metrics: dict, plots_dir: str | Path | None) -> None:
+    from deeplight.evaluation.evaluate import flat_metrics
+
+    log.log_params({k: metrics[k] for k in ("checkpoint", "data_dir", "split") if k in metrics})
+    log.set_tags({k: metrics[k] for k in ("dataset", "feature_map_fingerprint", "data_fingerprint",
+                                          "eval_data_fingerprint", "code_version", "pruned") if k in metrics})
+    log.log_metrics(flat_metrics(metrics))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "evaluation.json"
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        log.log_artifact(path)
+    if plots_dir is not None and Path(plots_dir).is_dir():
+        for png in sorted(Path(plots_dir).glob("*.png")):
+            log.log_artifact(png, "plots")
+
+
+# --- registering -----------------------------------------------------------------------------------------
+
+def version_tags(metrics: dict, parent_run_id: str | None, extra: dict | None) -> dict[str, str]:
+    """What a registered version carries: evaluation, sparsity targets, fingerprints, code, parent run."""
+    from deeplight.evaluation.evaluate import flat_metrics
+
+    tags: dict[str, Any] = {f"{k}": repr(v) for k, v in flat_metrics(metrics).items()}
+    for k, v in (metrics.get("prune_targets") or {}).items():
+        tags[f"sparsity_target_{k}"] = repr(float(v))
+    tags |= {"pruned": str(bool(metrics.get("pruned"))).lower(), "eval_split": metrics.get("split", ""),
+             "dataset": metrics.get("dataset", ""),
+             "feature_map_fingerprint": metrics.get("feature_map_fingerprint", ""),
+             "data_fingerprint": metrics.get("data_fingerprint", ""),
+             f"{metrics.get('split', 'test')}_data_fingerprint": metrics.get("eval_data_fingerprint", ""),
+             "code_version": metrics.get("code_version", ""), "parent_run_id": parent_run_id or "",
+             "model_kind": metrics.get("model_kind", "")}
+    tags |= {str(k): v for k, v in (extra or {}).items()}
+    return {k: redact(v) for k, v in tags.items()}
+
+
+def _pip_requirements() -> list[str]:
+    return [f"{p}=={metadata.version(p)}" for p in SERVING_PACKAGES]
+
+
+def register_model(checkpoint: str, data_dir: str, name: str, metrics: dict | None = None,
+                   parent_run_id: str | None = None, tags: dict | None = None) -> dict:
+    """Log the checkpoint as a raw-rows pyfunc in a `register` run, register it under `name` as a new
+    version with alias `challenger` and version tags. `metrics`: its evaluation on the test split
+    (`evaluate_model`); evaluated here when None. Returns {"name", "version", "run_id", "model_uri", ...}."""
+    from deeplight.model import checkpoint as ckpt_io
+    from deeplight.serve.export import compact_checkpoint
+    from deeplight.data.loader import read_manifest
+    from deeplight.evaluation.evaluate import evaluate_model, resolve_checkpoint
+    from deeplight.data.feature_map import FeatureMap
+    from deeplight.data.schema import get_schema
+
+    if not name or not isinstance(name, str):
+        raise DeeplightError("register: a model name is required")
+    ckpt = resolve_checkpoint(checkpoint)
+    manifest = read_manifest(data_dir)
+    fmap_path = Path(data_dir) / "feature_map.json"
+    if not fmap_path.is_file():
+        raise DeeplightError(f"{data_dir}: no feature_map.json; register needs the hashed dataset the model was "
+                             "trained on (written by `deeplight hash`)")
+    fmap = FeatureMap.load(fmap_path)
+    fp = fmap.fingerprint()
+    ck = ckpt_io.load(ckpt)
+    if ck.get("feature_map_fingerprint") != fp or manifest.get("feature_map_fingerprint") != fp:
+        raise DeeplightError(f"{ckpt} was trained with another feature map than {fmap_path}; register it with "
+                             "the hashed dataset it was trained on")
+    if metrics is not None and metrics.get("feature_map_fingerprint", fp) != fp:
+        raise DeeplightError("register: the metrics given are of a model with another feature map")
+
+    mlflow.set_tracking_uri(tracking_uri())
+    tracker = MlflowTracker(parent_run_id=parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = None
+        if metrics is None:
+            plots = Path(tmp) / "plots"
+            metrics = evaluate_model(str(ckpt), str(data_dir), "test", plots_dir=str(plots))
+        art = Path(tmp) / "artifacts"
+        compact_checkpoint(ckpt, art)
+        shutil.copyfile(fmap_path, art / ARTIFACT_FILES["feature_map"])
+        artifacts = {k: str(art / f) for k, f in ARTIFACT_FILES.items()}
+        RawRowsModel().load(artifacts["compact"], artifacts["feature_map"])  # fail here, not in the registry
+        run_tags = {"stage": "register", "registered_model": name, "dataset": fmap.dataset,
+                    "feature_map_fingerprint": fp}
+        with tracker.run("register", tags=run_tags) as log:
+            _log_evaluation_to(log, metrics, plots)
+            log.log_params({"checkpoint": str(ckpt), "registered_model": name})
+            with mlflow.start_run(run_id=log.run_id, nested=mlflow.active_run() is not None):
+                code = Path(tmp) / "deeplight_model.py"
+                code.write_text(MODEL_CODE)
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(code), artifacts=artifacts,
+                    code_paths=[str(Path(__file__).resolve().parents[1])],
+                    signature=signature(get_schema(fmap.dataset)), input_example=input_example(fmap),
+                    pip_requirements=_pip_requirements(), registered_model_name=name)
+            run_id = log.run_id
+    version = str(info.registered_model_version)
+    c = client()
+    c.set_registered_model_alias(name, CHALLENGER, version)
+    vtags = version_tags(metrics, parent_run_id, tags)
+    for k, v in vtags.items():
+        c.set_model_version_tag(name, version, k, v)
+    return {"name": name, "version": version, "run_id": run_id, "alias": CHALLENGER,
+            "model_uri": f"models:/{name}/{version}", "logged_model_uri": info.model_uri, "tags": vtags}
+
+
+# --- promotion -------------------------------------------------------------------------------------------
+
+def _by_alias(c: Any, name: str, alias: str) -> Any:
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower() \
+                or "does not exist" in str(e).lower():
+            return None
+        raise
+
+
+def _number(tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _write_decision(c: Any, name: str, version: str, tags: dict[str, str], current: dict[str, str]) -> bool:
+    """Set the tags whose value differs (a repeated decision changes nothing); whether any was set."""
+    changed = {k: v for k, v in tags.items() if current.get(k) != v}
+    for k, v in changed.items():
+        c.set_model_version_tag(name, version, k, v)
+    return bool(changed)
+
+
+def promote(name: str, tolerance: float = 0.001, latency_slo_us: float | None = None) -> dict:
+    """Move `champion` to the `challenger` version if it passes the gate; the decision is tagged and returned.
+
+    Gate: test AUC >= champion's test AUC - tolerance (same dataset, feature map and test data, else
+    DeeplightError), and batch-1 latency <= latency_slo_us when given. No champion yet: the AUC check is
+    skipped. Idempotent: a challenger that already is the champion, or a repeated decision, changes nothing.
+    """
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
+        raise DeeplightError(f"promote: tolerance must be a number >= 0, got {tolerance!r}")
+    if latency_slo_us is not None and not latency_slo_us > 0:
+        raise DeeplightError(f"promote: latency SLO must be > 0 microseconds, got {latency_slo_us!r}")
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise DeeplightError(f"no registered model {name!r} at {redact(tracking_uri())}; "
+                             "run `deeplight register` first") from None
+    challenger = _by_alias(c, name, CHALLENGER)
+    if challenger is None:
+        raise DeeplightError(f"model {name!r} has no version with alias {CHALLENGER!r}; run `deeplight register`")
+    champion = _by_alias(c, name, CHAMPION)
+    new, old = str(challenger.version), (str(champion.version) if champion is not None else None)
+    result: dict[str, Any] = {"name": name, "challenger": new, "champion_before": old, "tolerance": tolerance,
+                              "latency_slo_us": latency_slo_us}
+    if old == new:
+        return {**result, "decision": "unchanged", "promoted": False, "changed": False, "champion": old,
+                "reasons": [f"version {new} already is the champion"]}
+    ct, pt = dict(challenger.tags), dict(champion.tags) if champion is not None else {}
+    decision_tags = {"promotion.champion_before": old or "none", "promotion.tolerance": repr(float(tolerance)),
+                     "promotion.latency_slo_us": "none" if latency_slo_us is None else repr(float(latency_slo_us))}
+
+    refusal = None
+    if champion is not None:
+        if ct.get("dataset") != pt.get("dataset"):
+            refusal = (f"version {new} was registered from dataset {ct.get('dataset')!r}, the champion (version "
+                       f"{old}) from {pt.get('dataset')!r}")
+        elif ct.get("feature_map_fingerprint") != pt.get("feature_map_fingerprint"):
+            refusal = (f"version {new} uses another feature map ({ct.get('feature_map_fingerprint', '?')[:12]}) "
+                       f"than the champion, version {old} ({pt.get('feature_map_fingerprint', '?')[:12]}): its "
+                       "scores are not comparable; register it under another name")
+        elif ct.get("test_data_fingerprint") != pt.get("test_data_fingerprint"):
+            refusal = (f"version {new} was evaluated on other test data than the champion (version {old}); "
+                       "their AUCs are not comparable")
+    if refusal:
+        _write_decision(c, name, new, {**decision_tags, "promotion.decision": "refused",
+                                       "promotion.reasons": refusal}, ct)
+        raise DeeplightError(f"promote {name}: refused: {refusal}")
+
+    passed, reasons = True, []
+    auc = _number(ct, "test_auc")
+    if auc is None:
+        passed = False
+        reasons.append(f"version {new} has no test_auc tag (register it with a test-split evaluation)")
+    elif champion is None:
+        reasons.append(f"no champion yet; test AUC {auc:.6f}")
+    else:
+        best = _number(pt, "test_auc")
+        if best is None:
+            reasons.append(f"champion version {old} has no test_auc; AUC not compared")
+        elif auc + _AUC_SLACK >= best - tolerance:
+            reasons.append(f"test AUC {auc:.6f} vs champion version {old} {best:.6f} (delta {auc - best:+.6f}, "
+                           f"tolerance {tolerance})")
+        else:
+            passed = False
+            reasons.append(f"test AUC {auc:.6f} is {best - auc:.6f} below champion version {old}'s {best:.6f} "
+                           f"(tolerance {tolerance})")
+    if latency_slo_us is not None:
+        lat = _number(ct, "latency_us_b1")
+        if lat is None:
+            passed = False
+            reasons.append(f"version {new} has no latency_us_b1 tag to check the {latency_slo_us} us SLO")
+        elif lat <= latency_slo_us:
+            reasons.append(f"batch-1 latency {lat:.2f} us within the {latency_slo_us} us SLO")
+        else:
+            passed = False
+            reasons.append(f"batch-1 latency {lat:.2f} us exceeds the {latency_slo_us} us SLO")
+    decision = "promoted" if passed else "rejected"
+    if passed:
+        c.set_registered_model_alias(name, CHAMPION, new)
+    tagged = _write_decision(c, name, new, {**decision_tags, "promotion.decision": decision,
+                                            "promotion.reasons": "; ".join(reasons)}, ct)
+    return {**result, "decision": decision, "promoted": passed, "changed": passed or tagged,
+            "champion": new if passed else old, "reasons": reasons}

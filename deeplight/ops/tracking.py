@@ -1,0 +1,121 @@
+"""All MLflow tracking code: where runs go, how they are opened, resumed and nested.
+
+Default store: `sqlite:///<cwd>/mlruns/mlflow.db` with artifacts under `<cwd>/mlruns/artifacts` (the embedded
+default, what `make ui` shows). `MLFLOW_TRACKING_URI` overrides it (a remote `mlflow server`; S3 artifacts via
+`MLFLOW_S3_ENDPOINT_URL`). Credentials never reach params, tags or logs: values are passed through `redact`.
+
+    tracker = MlflowTracker(experiment="deeplight")
+    with tracker.run("train") as log:
+        log.log_params({"train.epochs": 3}); log.log_metrics({"valid_auc": 0.8}, step=0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "deeplight"
+PARENT_TAG = "mlflow.parentRunId"
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
+
+
+def mlruns_dir() -> Path:
+    return Path(os.environ.get("DEEPLIGHT_MLRUNS", Path.cwd() / "mlruns")).absolute()
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the embedded sqlite store under ./mlruns."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    mlruns_dir().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
+def redact(value: Any) -> str:
+    """A value as a string safe to log: `user:password@` removed from URLs, known secrets masked."""
+    text = str(value)
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _safe_items(d: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, "***" if _SECRET_KEY.search(k) else redact(v)) for k, v in d.items()]
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(c: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The experiment's id, created on first use (artifacts under mlruns/ for the embedded store)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (mlruns_dir() / "artifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+class MlflowRunLog:
+    """One open MLflow run (see `deeplight.base.tracker.RunLog`)."""
+
+    def __init__(self, c: MlflowClient, run_id: str):
+        self.client, self.run_id = c, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = _safe_items(params)
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _safe_items(tags)])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class MlflowTracker:
+    """Opens runs in one experiment; with `parent_run_id` every run is a child of that run."""
+
+    def __init__(self, experiment: str = DEFAULT_EXPERIMENT, parent_run_id: str | None = None):
+        self.client = client()
+        self.experiment_id = experiment_id(self.client, experiment)
+        self.parent_run_id = parent_run_id
+
+    @contextlib.contextmanager
+    def run(self, name: str, resume_id: str | None = None, tags: dict[str, Any] | None = None
+            ) -> Iterator[MlflowRunLog]:
+        if resume_id:
+            self.client.update_run(resume_id, status="RUNNING")
+            run_id = resume_id
+        else:
+            all_tags = dict(tags or {})
+            if self.parent_run_id:
+                all_tags[PARENT_TAG] = self.parent_run_id
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={k: v for k, v in _safe_items(all_tags)})
+            run_id = run.info.run_id
+        try:
+            yield MlflowRunLog(self.client, run_id)
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
