@@ -101,7 +101,7 @@ log "docker build -t $TAG (base $BASE_IMAGE, DEEPLIGHT_CODE_VERSION=$CODE_VERSIO
 t0=$(date +%s)
 # shellcheck disable=SC2086
 tar -C "$ROOT" -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-        pyproject.toml requirements.lock README.md deeplight docker/Dockerfile docker/.wheelhouse \
+        pyproject.toml requirements.lock README.md deeplight components pipelines docker/Dockerfile docker/.wheelhouse \
     | docker build -f docker/Dockerfile -t "$TAG" \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
         --build-arg DEEPLIGHT_CODE_VERSION="$CODE_VERSION" \

@@ -47,9 +47,9 @@ def deeplight_pipeline(
     ramp_epochs: float = _D.prune.ramp_epochs,
     finetune_epochs: int = _D.prune.finetune_epochs,
     config_overrides: str = "{}",
-    model_name: str = "deeplight-ctr",
+    model_name: str = _D.registry.model_name,
     promote_model: bool = False,
-    promote_tolerance: float = 0.001,
+    promote_tolerance: float = _D.promote.tolerance,
     latency_slo_us: float = 0.0,
     run_name: str = "",
 ):

@@ -26,6 +26,11 @@ from deeplight.base.config import Config
 
 PIPELINE_NAME = "deeplight-sweep"
 _D = Config()
+_S = _D.sweep
+
+
+def _range(lo_hi: tuple) -> str:
+    return ":".join(str(v) for v in lo_hi)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Optuna sparsity sweep of a DeepFwFM CTR model (accuracy vs "
@@ -39,19 +44,19 @@ def sweep_pipeline(
     epochs: int = _D.train.epochs,
     ramp_epochs: float = _D.prune.ramp_epochs,
     config_overrides: str = "{}",
-    n_trials: int = 20,
+    n_trials: int = _S.n_trials,
     workers: int = 2,
     study: str = "",
     storage: str = "",
-    sampler: str = "tpe",
-    tolerance: float = 0.001,
-    dnn_range: str = "0.0:0.98",
-    field_range: str = "0.0:0.98",
-    embedding_range: str = "0.0:0.9",
-    modes: str = "unstructured,structured",
-    finetune_range: str = "1:2",
-    latency_calls: int = 2000,
-    model_name: str = "deeplight-ctr",
+    sampler: str = _S.sampler,
+    tolerance: float = _S.tolerance,
+    dnn_range: str = _range(_S.dnn),
+    field_range: str = _range(_S.field),
+    embedding_range: str = _range(_S.embedding),
+    modes: str = ",".join(_S.modes),
+    finetune_range: str = _range(_S.finetune_epochs),
+    latency_calls: int = _S.latency_calls,
+    model_name: str = _D.registry.model_name,
     run_name: str = "",
 ):
     """n_trials: COMPLETE trials over all workers. *_range: LOW:HIGH sparsity (or one value). storage: Optuna

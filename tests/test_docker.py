@@ -129,6 +129,14 @@ def test_the_project_and_its_runtime_deps_import(image: str):
     assert where.startswith("/opt/venv/lib/python3.11/site-packages/deeplight/")
 
 
+def test_the_image_compiles_the_pipelines_without_a_checkout(image: str):
+    """components/ and pipelines/ are installed packages: compiling needs no repository on sys.path."""
+    out = run(image, "sh", "-c", "cd /tmp && deeplight pipeline compile --out /tmp/p.yaml >/dev/null && "
+                                 "python -c 'import pipelines; print(pipelines.__file__)' && "
+                                 "grep -c 'deeplight.steps.pipeline' /tmp/p.yaml").stdout.split()
+    assert out[0].startswith("/opt/venv/lib/python3.11/site-packages/pipelines/") and int(out[1]) > 0
+
+
 def test_no_build_tools_caches_or_wheels_left(image: str):
     for tool in ("gcc", "cc", "g++", "make"):
         assert run(image, "which", tool, check=False).returncode != 0, f"{tool} is in the image"

@@ -344,7 +344,7 @@ def test_submit_rejects_bad_settings_before_contacting_the_server(kfp_stub):
     with pytest.raises(DeeplightError, match="--input"):
         pipeline_cli.submit(host, {})
     assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--dnn", "1.5"]) == 2
-    assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--config", "{not json"]) == 2
+    assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--set", "model.nope=1"]) == 2
     assert requests == []
 
 

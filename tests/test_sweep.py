@@ -337,17 +337,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's package; installed with apt when running as root),
-    in a temp dir, stopped by PID at the end. Yields a database URL."""
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's package, which .ci/run installs), in a temp dir,
+    stopped by PID at the end. Yields a database URL."""
     bin_dir = _pg_bin()
-    if bin_dir is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=False, capture_output=True,
-                       timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        bin_dir = _pg_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found and cannot install them "
-                    "(needs root and apt-get: apt-get install -y postgresql)")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
+                    "(.ci/run does)")
     base = Path(tempfile.mkdtemp(prefix="deeplight-pg-"))
     run_as: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root: use the package's system user

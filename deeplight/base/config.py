@@ -8,6 +8,11 @@
     True
     >>> cfg.replace(**{"train.epochs": 3}).train.epochs
     3
+    >>> cfg.get("registry.model_name"), cfg.get("promote.tolerance")
+    ('deeplight-ctr', 0.001)
+
+Every default lives here once: the CLI's flags, the KFP components' and pipelines' parameters and the sweep read
+them from `Config()`, and every command that takes settings accepts `--set section.key=value` (repeatable).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class DataConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_mode: str = "random"  # random (seeded) | sequential (last rows are test)
     seed: int = 0
+    max_bad_fraction: float = 0.5  # ingest fails when more than this share of an input's rows is bad
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,63 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """The Optuna sparsity sweep: its search space over `prune.*` and how it runs (`deeplight sweep`)."""
+
+    study: str = "deeplight-sweep"
+    n_trials: int = 20  # COMPLETE trials the study ends with, over all workers and restarts
+    sampler: str = "tpe"  # tpe | nsga2 | random
+    seed: int = 0
+    dnn: tuple[float, float] = (0.0, 0.98)  # search ranges LOW, HIGH (equal: a fixed value)
+    field: tuple[float, float] = (0.0, 0.98)
+    embedding: tuple[float, float] = (0.0, 0.9)
+    modes: tuple[str, ...] = ("unstructured", "structured")
+    finetune_epochs: tuple[int, int] = (1, 2)
+    tolerance: float = 0.001  # the chosen trial's valid AUC may be this much below the dense model's
+    latency_calls: int = 2000  # batch-1 calls whose median is a trial's latency
+    heartbeat: int = 10  # seconds between a running trial's heartbeats
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Where models and runs are recorded in MLflow."""
+
+    model_name: str = "deeplight-ctr"  # the registered model every command and pipeline uses by default
+    experiment: str = "deeplight"
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The promotion gate: challenger -> champion."""
+
+    tolerance: float = 0.001  # largest test AUC drop against the champion that still passes
+    latency_slo_us: float | None = None  # largest batch-1 latency that passes (None: not checked)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serving the registered model (`deeplight serve`, the pyfunc)."""
+
+    host: str = "127.0.0.1"  # a pod in a cluster binds 0.0.0.0 explicitly
+    port: int = 8080
+    threads: int = 1  # BLAS threads of the engine; 1 avoids the slowdown of BLAS threads under CPU contention
+
+
+# Sections a training or pruning run depends on (what its checkpoint and MLflow params record).
+MODEL_SECTIONS = ("data", "features", "model", "train", "prune")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,9 +146,20 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def flat(self) -> dict[str, Any]:
-        """`{"train.epochs": 10, ...}`: the form MLflow params and the sweep use."""
-        return {f"{section}.{k}": v for section, values in self.to_dict().items() for k, v in values.items()}
+    def flat(self, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """`{"train.epochs": 10, ...}`: the form MLflow params and the sweep use (only `sections` if given)."""
+        return {f"{section}.{k}": v for section, values in self.to_dict().items() for k, v in values.items()
+                if sections is None or section in sections}
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted setting: `Config().get("train.epochs")` -> 10."""
+        section, _, name = key.partition(".")
+        try:
+            if not name or section not in _SECTION_TYPES:
+                raise AttributeError(key)
+            return getattr(getattr(self, section), name)
+        except AttributeError:
+            raise DeeplightError(f"config: unknown setting {key!r}") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
@@ -121,8 +189,7 @@ class Config:
         return Config.from_dict(d)
 
 
-_SECTION_TYPES = {"data": DataConfig, "features": FeatureConfig, "model": ModelConfig, "train": TrainConfig,
-                  "prune": PruneConfig}
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 def _tuple_if_list(v: Any) -> Any:

@@ -12,10 +12,10 @@ import json
 import sys
 from typing import Callable
 
-from deeplight.base.config import PruneConfig
+import deeplight
 from deeplight.base.errors import DeeplightError
-
-_PRUNE = PruneConfig()  # defaults shown in --help, read from the one config object
+from deeplight.base.config import MODEL_SECTIONS
+from deeplight.cli.options import add_set, config_from, setting
 
 
 def _split(text: str) -> tuple[float, float, float]:
@@ -26,6 +26,21 @@ def _split(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
         raise argparse.ArgumentTypeError(f"--split wants three non-negative fractions summing to 1, got {text!r}")
     return parts  # type: ignore[return-value]
+
+
+def _range(kind: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        from deeplight.ops.sweep.space import parse_range
+
+        try:
+            return parse_range(text, kind)
+        except DeeplightError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 def _print_json(obj: object) -> None:
@@ -55,8 +70,9 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
     _freeze_startup_objects()
     tune_allocators()
-    report = ingest(a.dataset, a.input, a.out, split=a.split, split_mode=a.split_mode, seed=a.seed,
-                    max_bad_fraction=a.max_bad_fraction)
+    d = config_from(a).data
+    report = ingest(d.dataset, a.input, a.out, split=d.split, split_mode=d.split_mode, seed=d.seed,
+                    max_bad_fraction=d.max_bad_fraction)
     _print_json(report)
 
 
@@ -66,8 +82,9 @@ def cmd_hash(a: argparse.Namespace) -> None:
 
     _freeze_startup_objects()
     tune_allocators()
-    min_count = None if a.buckets is not None else a.min_count
-    _print_json(hash_dataset(a.input, a.out, buckets=a.buckets, min_count=min_count))
+    f = config_from(a).features
+    buckets = f.buckets
+    _print_json(hash_dataset(a.input, a.out, buckets=buckets, min_count=None if buckets else f.min_count))
 
 
 def cmd_apply_features(a: argparse.Namespace) -> None:
@@ -84,11 +101,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     from deeplight.base.config import Config
     from deeplight.model.train import train
 
-    cfg = Config().replace(**{
-        "model.kind": a.model, "train.epochs": a.epochs, "train.seed": a.seed, "train.batch_size": a.batch_size,
-        "train.lr": a.lr, "train.patience": a.patience, "train.threads": a.threads,
-        "train.checkpoint_every": a.checkpoint_every,
-    })
+    cfg = config_from(a, Config())
     result = train(a.data, a.out, cfg, tracker=_tracker(a))
     _print_json({k: v for k, v in result.items() if k != "history"})
 
@@ -96,11 +109,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_prune(a: argparse.Namespace) -> None:
     from deeplight.model.prune import config_of, prune
 
-    cfg = config_of(a.dense).replace(**{
-        "prune.dnn": a.dnn, "prune.field": a.field, "prune.embedding": a.embedding, "prune.mode": a.mode,
-        "prune.ramp_epochs": a.ramp_epochs, "prune.finetune_epochs": a.finetune_epochs, "train.seed": a.seed,
-        "train.batch_size": a.batch_size, "train.threads": a.threads,
-    })
+    cfg = config_from(a, config_of(a.dense))
     result = prune(a.dense, a.data, a.out, cfg, tracker=_tracker(a))
     _print_json({k: v for k, v in result.items() if k != "history"})
 
@@ -118,17 +127,15 @@ def cmd_pipeline(a: argparse.Namespace) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
-    from deeplight.base.config import parse_sets
-    from deeplight.ops.sweep import SearchSpace, SweepSettings, brief, parse_range, run_sweep
+    from deeplight.cli.options import overrides
+    from deeplight.ops.sweep import SweepSettings, brief, run_sweep
 
-    space = SearchSpace(dnn=parse_range(a.dnn), field=parse_range(a.field), embedding=parse_range(a.embedding),
-                        modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
-                        finetune_epochs=parse_range(a.finetune_epochs, int))
-    settings = SweepSettings(study=a.study, storage=a.storage, n_trials=a.n_trials, sampler=a.sampler, seed=a.seed,
-                             tolerance=a.tolerance, space=space, latency_calls=a.latency_calls,
-                             heartbeat_interval=a.heartbeat, grace_period=a.grace, experiment=a.experiment)
-    summary = run_sweep(a.data, a.out, settings, overrides=parse_sets(a.set), dense=a.dense,
-                        finalize=not a.no_finalize, register=a.model_name if a.register else None)
+    cfg = config_from(a)
+    settings = SweepSettings.from_config(cfg.sweep, storage=a.storage, grace_period=a.grace,
+                                         experiment=cfg.registry.experiment)
+    model_settings = {k: v for k, v in overrides(a).items() if k.split(".")[0] in MODEL_SECTIONS}
+    summary = run_sweep(a.data, a.out, settings, overrides=model_settings, dense=a.dense,
+                        finalize=not a.no_finalize, register=cfg.registry.model_name if a.register else None)
     _print_json(brief(summary))
 
 
@@ -171,14 +178,17 @@ def cmd_register(a: argparse.Namespace) -> None:
             raise DeeplightError(f"--tag wants KEY=VALUE, got {item!r}")
         tags[key] = value
     metrics = read_json(a.metrics) if a.metrics else None
-    result = register_model(a.model, a.data, a.name, metrics=metrics, parent_run_id=a.parent_run_id, tags=tags)
+    name = config_from(a).registry.model_name
+    result = register_model(a.model, a.data, name, metrics=metrics, parent_run_id=a.parent_run_id, tags=tags)
     _print_json(result)
 
 
 def cmd_promote(a: argparse.Namespace) -> None:
     from deeplight.ops.registry import promote
 
-    _print_json(promote(a.name, tolerance=a.tolerance, latency_slo_us=a.latency_slo_us))
+    cfg = config_from(a)
+    _print_json(promote(cfg.registry.model_name, tolerance=cfg.promote.tolerance,
+                        latency_slo_us=cfg.promote.latency_slo_us))
 
 def _tracker(a: argparse.Namespace):
     if a.no_mlflow:
@@ -192,10 +202,11 @@ def _tracker(a: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deeplight", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"deeplight {deeplight.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sp.set_defaults(handler=handler)
         return sp
 
@@ -207,21 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--truth", help="truth JSON path (default OUT.truth.json)")
 
     sp = add("ingest", cmd_ingest, "raw TSV/CSV (plain, .gz, s3://) to typed Parquet splits, bad rows quarantined")
-    sp.add_argument("--dataset", default="criteo", help="schema name: criteo | avazu")
+    setting(sp, "--dataset", "data.dataset", help="schema name: criteo | avazu")
     sp.add_argument("--input", nargs="+", required=True, help="raw files: local paths or s3:// URIs")
     sp.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    sp.add_argument("--split", type=_split, default=(0.8, 0.1, 0.1), help="train,valid,test fractions")
-    sp.add_argument("--split-mode", choices=["random", "sequential"], default="random")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--max-bad-fraction", type=float, default=0.5,
-                    help="fail when more than this share of an input's rows is bad")
+    setting(sp, "--split", "data.split", _split, "train,valid,test fractions")
+    setting(sp, "--split-mode", "data.split_mode", choices=["random", "sequential"])
+    setting(sp, "--seed", "data.seed", int, "seed of the random split")
+    setting(sp, "--max-bad-fraction", "data.max_bad_fraction", float,
+            "fail when more than this share of an input's rows is bad")
+    add_set(sp)
 
     sp = add("hash", cmd_hash, "fit a feature map on the train split and write int32 feature ids per split")
     sp.add_argument("--input", required=True, help="an ingested dataset directory")
     sp.add_argument("--out", required=True)
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--buckets", type=int, help="stable hashing into N buckets per field")
-    g.add_argument("--min-count", type=int, default=8, help="vocabulary of values seen >= K times in train")
+    setting(g, "--buckets", "features.buckets", int, "stable hashing into N buckets per field")
+    setting(g, "--min-count", "features.min_count", int, "vocabulary of values seen >= K times in train")
+    add_set(sp)
 
     sp = add("apply-features", cmd_apply_features, "apply a fitted feature map to another ingested dataset")
     sp.add_argument("--feature-map", required=True, help="feature_map.json written by `deeplight hash`")
@@ -231,31 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train a dense DeepFwFM (or FwFM/FM/LR baseline) on hashed Parquet")
     sp.add_argument("--data", required=True, help="a hashed dataset directory")
     sp.add_argument("--out", required=True, help="checkpoints and results; an existing run here is resumed")
-    sp.add_argument("--model", choices=["deepfwfm", "fwfm", "fm", "lr"])
-    sp.add_argument("--epochs", type=int)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--lr", type=float)
-    sp.add_argument("--patience", type=int)
-    sp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    sp.add_argument("--checkpoint-every", type=int, help="batches between resume checkpoints (default 500)")
+    setting(sp, "--model", "model.kind", choices=["deepfwfm", "fwfm", "fm", "lr"], help="model kind")
+    setting(sp, "--epochs", "train.epochs", int, "most epochs (early stopping on valid AUC)")
+    setting(sp, "--seed", "train.seed", int)
+    setting(sp, "--batch-size", "train.batch_size", int)
+    setting(sp, "--lr", "train.lr", float, "Adam learning rate")
+    setting(sp, "--patience", "train.patience", int, "epochs without a better valid AUC before stopping")
+    setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")
+    setting(sp, "--checkpoint-every", "train.checkpoint_every", int, "batches between resume checkpoints")
+    add_set(sp)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
-    sp = add("prune", cmd_prune, "prune a trained dense model to target sparsities (DeepLight), then fine-tune")
+    sp = add("prune", cmd_prune, "prune a trained dense model to target sparsities (DeepLight), then fine-tune; "
+                                   "settings not given are the dense checkpoint's")
     sp.add_argument("--dense", required=True, help="dense checkpoint (best.pt written by `deeplight train`)")
     sp.add_argument("--data", required=True, help="the hashed dataset the dense model was trained on")
     sp.add_argument("--out", required=True, help="checkpoints and results; an existing run here is resumed")
-    sp.add_argument("--dnn", type=float, help=f"DNN sparsity target (default {_PRUNE.dnn:g})")
-    sp.add_argument("--field", type=float, help=f"field-pair (R) sparsity target (default {_PRUNE.field:g})")
-    sp.add_argument("--embedding", type=float, help=f"embedding sparsity target (default {_PRUNE.embedding:g})")
-    sp.add_argument("--mode", choices=["unstructured", "structured"])
-    sp.add_argument("--ramp-epochs", type=float,
-                    help=f"epochs over which sparsity ramps up (default {_PRUNE.ramp_epochs:g})")
-    sp.add_argument("--finetune-epochs", type=int,
-                    help=f"epochs at full sparsity after the ramp (default {_PRUNE.finetune_epochs})")
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--batch-size", type=int)
-    sp.add_argument("--threads", type=int)
+    setting(sp, "--dnn", "prune.dnn", float, "DNN sparsity target")
+    setting(sp, "--field", "prune.field", float, "field-pair (R) sparsity target")
+    setting(sp, "--embedding", "prune.embedding", float, "embedding sparsity target")
+    setting(sp, "--mode", "prune.mode", choices=["unstructured", "structured"], help="pruning mode")
+    setting(sp, "--ramp-epochs", "prune.ramp_epochs", float, "epochs over which sparsity ramps up")
+    setting(sp, "--finetune-epochs", "prune.finetune_epochs", int, "epochs at full sparsity after the ramp")
+    setting(sp, "--seed", "train.seed", int)
+    setting(sp, "--batch-size", "train.batch_size", int)
+    setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")
+    add_set(sp)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
     sp = add("compact", cmd_compact, "convert a (pruned) checkpoint to the compact inference engine + ONNX/TorchScript")
@@ -273,28 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="a hashed dataset directory")
     sp.add_argument("--out", required=True, help="dense model (unless --dense), trial checkpoints, report")
     sp.add_argument("--dense", help="prune from this dense checkpoint instead of training one into OUT/dense")
-    sp.add_argument("--study", default="deeplight-sweep", help="Optuna study name; the same name resumes it")
+    setting(sp, "--study", "sweep.study", help="Optuna study name; the same name resumes it")
     sp.add_argument("--storage", help="Optuna RDB URL shared by workers (default sqlite:///mlruns/optuna.db)")
-    sp.add_argument("--n-trials", type=int, default=20, help="COMPLETE trials the study ends with (all workers)")
-    sp.add_argument("--sampler", default="tpe", help="tpe | nsga2 | random")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--tolerance", type=float, default=0.001,
-                    help="choose the fastest trial whose valid AUC is within this of the dense model's")
-    sp.add_argument("--dnn", default="0.0:0.98", help="DNN sparsity range LOW:HIGH (or one value)")
-    sp.add_argument("--field", default="0.0:0.98", help="field-pair (R) sparsity range")
-    sp.add_argument("--embedding", default="0.0:0.9", help="embedding sparsity range")
-    sp.add_argument("--modes", default="unstructured,structured", help="pruning modes to try")
-    sp.add_argument("--finetune-epochs", default="1:2", help="fine-tune epochs range")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="config setting for the dense model and pruning, e.g. model.dnn=[16] train.epochs=1 "
-                         "prune.ramp_epochs=1 (repeatable)")
-    sp.add_argument("--latency-calls", type=int, default=2000, help="batch-1 calls timed per trial (median)")
-    sp.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    setting(sp, "--n-trials", "sweep.n_trials", int, "COMPLETE trials the study ends with (all workers)")
+    setting(sp, "--sampler", "sweep.sampler", help="tpe | nsga2 | random")
+    setting(sp, "--seed", "sweep.seed", int, "sampler seed")
+    setting(sp, "--tolerance", "sweep.tolerance", float,
+            "choose the fastest trial whose valid AUC is within this of the dense model's")
+    setting(sp, "--dnn", "sweep.dnn", _range(float), "DNN sparsity range LOW:HIGH (or one value)", sep=":")
+    setting(sp, "--field", "sweep.field", _range(float), "field-pair (R) sparsity range", sep=":")
+    setting(sp, "--embedding", "sweep.embedding", _range(float), "embedding sparsity range", sep=":")
+    setting(sp, "--modes", "sweep.modes", _names, "pruning modes to try")
+    setting(sp, "--finetune-epochs", "sweep.finetune_epochs", _range(int), "fine-tune epochs range", sep=":")
+    setting(sp, "--latency-calls", "sweep.latency_calls", int, "batch-1 calls timed per trial (median)")
+    setting(sp, "--heartbeat", "sweep.heartbeat", int, "seconds between a running trial's heartbeats")
     sp.add_argument("--grace", type=int, help="a trial without heartbeat this long is failed (default 3x heartbeat)")
-    sp.add_argument("--experiment", default="deeplight", help="MLflow experiment")
+    setting(sp, "--experiment", "registry.experiment", help="MLflow experiment")
     sp.add_argument("--no-finalize", action="store_true", help="run trials only (a pipeline worker)")
     sp.add_argument("--register", action="store_true", help="register the chosen model in the MLflow registry")
-    sp.add_argument("--model-name", default="deeplight", help="registered model name for --register")
+    setting(sp, "--model-name", "registry.model_name", help="registered model name for --register")
+    add_set(sp)
 
     sp = add("report", cmd_report, "a sweep as a Markdown report with plots (Pareto front, RQ1-RQ4, field pairs)")
     g = sp.add_mutually_exclusive_group(required=True)
@@ -317,16 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("register", cmd_register, "log a model that scores raw rows to the MLflow registry (alias challenger)")
     sp.add_argument("--model", required=True, help="checkpoint (best.pt) or a train/prune output directory")
     sp.add_argument("--data", required=True, help="the hashed dataset it was trained on (feature map, test split)")
-    sp.add_argument("--name", required=True, help="registered model name")
+    setting(sp, "--name", "registry.model_name", help="registered model name")
     sp.add_argument("--metrics", help="metrics JSON from `deeplight evaluate` on the test split (else evaluated now)")
     sp.add_argument("--parent-run-id", help="MLflow run of the pipeline this registration belongs to")
     sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag (repeatable)")
+    add_set(sp)
 
     sp = add("promote", cmd_promote, "move alias champion to the challenger if it passes the AUC/latency gate")
-    sp.add_argument("--name", required=True, help="registered model name")
-    sp.add_argument("--tolerance", type=float, default=0.001,
-                    help="largest test AUC drop vs the champion that still passes")
-    sp.add_argument("--latency-slo-us", type=float, help="largest batch-1 latency (microseconds) that passes")
+    setting(sp, "--name", "registry.model_name", help="registered model name")
+    setting(sp, "--tolerance", "promote.tolerance", float, "largest test AUC drop vs the champion that still passes")
+    setting(sp, "--latency-slo-us", "promote.latency_slo_us", float,
+            "largest batch-1 latency (microseconds) that passes")
+    add_set(sp)
     return p
 
 

@@ -43,7 +43,7 @@ _FLAGS = {
     "dataset": "dataset", "split": "split", "split_mode": "split_mode", "seed": "seed", "min_count": "min_count",
     "buckets": "buckets", "epochs": "epochs", "dnn": "dnn_sparsity", "field": "field_sparsity",
     "embedding": "embedding_sparsity", "mode": "prune_mode", "ramp_epochs": "ramp_epochs",
-    "finetune_epochs": "finetune_epochs", "config": "config_overrides", "model_name": "model_name",
+    "finetune_epochs": "finetune_epochs", "model_name": "model_name",
     "promote": "promote_model", "tolerance": "promote_tolerance", "latency_slo_us": "latency_slo_us",
     "run_name": "run_name",
 }
@@ -96,6 +96,10 @@ def pipeline_arguments(a: argparse.Namespace, defaults: dict[str, Any] | None = 
             args[param] = value
     if getattr(a, "input", None):
         args["input_uris"] = list(a.input)
+    if getattr(a, "set_items", None):  # --set: the pipeline's config_overrides parameter (a JSON object)
+        from deeplight.base.config import parse_sets
+
+        args["config_overrides"] = json.dumps(parse_sets(a.set_items))
     if "split" in args:
         args["split"] = ",".join(str(x) for x in parse_split(args["split"]))
     pipeline_config(**{k: args.get(k) for k in ("dataset", "split", "split_mode", "seed", "min_count", "buckets",
@@ -268,26 +272,32 @@ def submit(host: str | None, arguments: dict[str, Any], package: str | Path | No
 # --- argparse (no kfp import: `deeplight --help` stays fast) ---------------------------------------------
 
 def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("pipeline settings (default: deeplight's Config defaults)")
-    g.add_argument("--dataset", help="schema name: criteo | avazu")
-    g.add_argument("--split", help="train,valid,test fractions, e.g. 0.8,0.1,0.1")
-    g.add_argument("--split-mode", choices=["random", "sequential"])
-    g.add_argument("--seed", type=int)
+    from deeplight.cli.options import DEFAULTS as D
+    from deeplight.cli.options import add_set
+
+    g = sp.add_argument_group("pipeline settings (defaults: deeplight's Config)")
+    g.add_argument("--dataset", help=f"schema name: criteo | avazu (default {D.data.dataset})")
+    g.add_argument("--split", help="train,valid,test fractions (default " + ",".join(map(str, D.data.split)) + ")")
+    g.add_argument("--split-mode", choices=["random", "sequential"], help=f"default {D.data.split_mode}")
+    g.add_argument("--seed", type=int, help=f"data split and training seed (default {D.train.seed})")
     h = g.add_mutually_exclusive_group()
-    h.add_argument("--min-count", type=int, help="vocabulary of values seen >= K times in train (default 8)")
+    h.add_argument("--min-count", type=int,
+                   help=f"vocabulary of values seen >= K times in train (default {D.features.min_count})")
     h.add_argument("--buckets", type=int, help="stable hashing into N buckets per field instead")
-    g.add_argument("--epochs", type=int, help="dense training epochs")
-    g.add_argument("--dnn", type=float, help="DNN sparsity target (default 0.9)")
-    g.add_argument("--field", type=float, help="field-pair sparsity target (default 0.9)")
-    g.add_argument("--embedding", type=float, help="embedding sparsity target (default 0.4)")
-    g.add_argument("--mode", choices=["unstructured", "structured"], help="pruning mode")
-    g.add_argument("--ramp-epochs", type=float, help="epochs over which sparsity ramps up")
-    g.add_argument("--finetune-epochs", type=int, help="epochs at full sparsity after the ramp")
-    g.add_argument("--config", help='JSON object of dotted Config overrides, e.g. \'{"model.dnn": [400, 400]}\'')
-    g.add_argument("--model-name", help="registered model name (default deeplight-ctr)")
+    g.add_argument("--epochs", type=int, help="dense training epochs (default: " +
+                   ", ".join(f"{k} {v}" for k, v in (("Config", D.train.epochs), ("run-local", LOCAL_DEFAULTS["epochs"]))) + ")")
+    g.add_argument("--dnn", type=float, help=f"DNN sparsity target (default {D.prune.dnn})")
+    g.add_argument("--field", type=float, help=f"field-pair sparsity target (default {D.prune.field})")
+    g.add_argument("--embedding", type=float, help=f"embedding sparsity target (default {D.prune.embedding})")
+    g.add_argument("--mode", choices=["unstructured", "structured"], help=f"pruning mode (default {D.prune.mode})")
+    g.add_argument("--ramp-epochs", type=float, help=f"epochs over which sparsity ramps up (default {D.prune.ramp_epochs})")
+    g.add_argument("--finetune-epochs", type=int,
+                   help=f"epochs at full sparsity after the ramp (default {D.prune.finetune_epochs})")
+    add_set(g)
+    g.add_argument("--model-name", help=f"registered model name (default {D.registry.model_name})")
     g.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
-    g.add_argument("--tolerance", type=float, help="promotion: max AUC drop vs the champion (default 0.001)")
-    g.add_argument("--latency-slo-us", type=float, help="promotion: latency SLO in microseconds (0: none)")
+    g.add_argument("--tolerance", type=float, help=f"promotion: max AUC drop vs the champion (default {D.promote.tolerance})")
+    g.add_argument("--latency-slo-us", type=float, help="promotion: latency SLO in microseconds (default: none)")
     g.add_argument("--run-name", help="MLflow parent run name (default: generated)")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from deeplight.base.config import SweepConfig
 from deeplight.base.files import write_json
 
 COMPONENTS = (("dnn", "DNN"), ("field", "field pairs"), ("embedding", "embeddings"))
@@ -254,7 +255,7 @@ def render_markdown(summary: dict[str, Any], files: dict[str, Path]) -> str:
     dense, final, data = summary["dense"], summary.get("final") or {}, summary.get("data") or {}
     machine, chosen = summary.get("machine") or {}, chosen_row(summary)
     rows = complete_rows(summary)
-    tol = final.get("tolerance", summary.get("tolerance", 0.001))
+    tol = final.get("tolerance", summary.get("tolerance", SweepConfig().tolerance))
     space = summary.get("space") or {}
     out = [f"# Sparsity sweep `{summary['study']}`", ""]
     out += ["Trials: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(summary["states"].items())) + "; "

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from deeplight.model import checkpoint
-from deeplight.base.config import Config, PruneConfig
+from deeplight.base.config import MODEL_SECTIONS, Config, PruneConfig
 from deeplight.data.loader import SplitLoader, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
@@ -293,4 +293,4 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
 
     return trainer.run_tracked(
         tracker, run_name, finish=add_pruning_report, tags={"stage": "prune"},
-        params={**cfg.flat(), "data_dir": str(data_dir), "dense_checkpoint": str(dense_checkpoint)})
+        params={**cfg.flat(MODEL_SECTIONS), "data_dir": str(data_dir), "dense_checkpoint": str(dense_checkpoint)})

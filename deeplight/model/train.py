@@ -26,7 +26,7 @@ from tqdm import tqdm
 from deeplight.model import checkpoint
 
 from deeplight.model import metrics
-from deeplight.base.config import Config, TrainConfig
+from deeplight.base.config import MODEL_SECTIONS, Config, TrainConfig
 from deeplight.data.loader import SplitLoader, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.base.files import write_json
@@ -270,4 +270,4 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: Config, tracker: Track
     model = DeepFwFM.from_config(manifest["field_sizes"], cfg.model)
     trainer = Trainer(model, data_dir, out_dir, cfg, epochs=cfg.train.epochs)
     trainer.try_resume()
-    return trainer.run_tracked(tracker, run_name, params={**cfg.flat(), "data_dir": str(data_dir)})
+    return trainer.run_tracked(tracker, run_name, params={**cfg.flat(MODEL_SECTIONS), "data_dir": str(data_dir)})

@@ -39,10 +39,12 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from deeplight.base.config import PromoteConfig
 from deeplight.base.errors import DeeplightError
 from deeplight.ops.pyfunc import MODEL_CODE, RawRowsModel, input_example, signature
 from deeplight.ops.tracking import MlflowTracker, client, redact, tracking_uri
 
+_PROMOTE = PromoteConfig()
 CHALLENGER, CHAMPION = "challenger", "champion"
 ARTIFACT_FILES = {"compact": "compact.npz", "feature_map": "feature_map.json", "onnx": "model.onnx",
                   "torchscript": "model.torchscript.pt"}
@@ -192,7 +194,8 @@ def _write_decision(c: Any, name: str, version: str, tags: dict[str, str], curre
     return bool(changed)
 
 
-def promote(name: str, tolerance: float = 0.001, latency_slo_us: float | None = None) -> dict:
+def promote(name: str, tolerance: float = _PROMOTE.tolerance, latency_slo_us: float | None = _PROMOTE.latency_slo_us
+            ) -> dict:
     """Move `champion` to the `challenger` version if it passes the gate; the decision is tagged and returned.
 
     Gate: test AUC >= champion's test AUC - tolerance (same dataset, feature map and test data, else

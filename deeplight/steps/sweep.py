@@ -7,28 +7,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
-from deeplight.base.config import Config
+from deeplight.base.config import Config, SweepConfig
 from deeplight.base.errors import DeeplightError
-
 from deeplight.ops.sweep.run import finalize, open_sweep, run_sweep
 from deeplight.ops.sweep.space import SearchSpace, SweepSettings, parse_range
 from deeplight.ops.sweep.storage import load_study, open_storage
 from deeplight.ops.sweep.trial_log import _tempdir
 
 
-def pipeline_settings(study: str, kfp_run_id: str = "", storage: str = "", n_trials: int = 20, sampler: str = "tpe",
-                      seed: int = 0, tolerance: float = 0.001, dnn_range: str = "0.0:0.98",
-                      field_range: str = "0.0:0.98", embedding_range: str = "0.0:0.9",
-                      modes: str = "unstructured,structured", finetune_range: str = "1:2",
-                      latency_calls: int = 2000) -> SweepSettings:
+_S = SweepConfig()
+
+
+def pipeline_settings(study: str, kfp_run_id: str = "", storage: str = "", n_trials: int = _S.n_trials,
+                      sampler: str = _S.sampler, seed: int = _S.seed, tolerance: float = _S.tolerance,
+                      dnn_range: str = "", field_range: str = "", embedding_range: str = "", modes: str = "",
+                      finetune_range: str = "", latency_calls: int = _S.latency_calls) -> SweepSettings:
     """SweepSettings from a pipeline's plain parameters; every step derives the same settings from them. An
     empty `study` names it after the KFP run (a new study per run); an empty `storage` means
     $DEEPLIGHT_OPTUNA_STORAGE, else the sqlite default (shared only when every step sees the same disk)."""
-    space = SearchSpace(dnn=parse_range(dnn_range), field=parse_range(field_range),
-                        embedding=parse_range(embedding_range),
-                        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-                        finetune_epochs=parse_range(finetune_range, int))
+    space = SearchSpace(dnn=parse_range(dnn_range) if dnn_range else _S.dnn,
+                        field=parse_range(field_range) if field_range else _S.field,
+                        embedding=parse_range(embedding_range) if embedding_range else _S.embedding,
+                        modes=tuple(m.strip() for m in modes.split(",") if m.strip()) or _S.modes,
+                        finetune_epochs=parse_range(finetune_range, int) if finetune_range else _S.finetune_epochs)
     return SweepSettings(study=study or f"sweep-{kfp_run_id}", storage=storage or None, n_trials=n_trials,
                          sampler=sampler, seed=seed, tolerance=tolerance, space=space, latency_calls=latency_calls)
 

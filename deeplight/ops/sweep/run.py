@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from deeplight.base.config import Config
+from deeplight.base.config import MODEL_SECTIONS, Config, SweepConfig
 from deeplight.base.errors import DeeplightError
 
 from deeplight.ops.sweep.measure import batch1_latency_us, compact_of, latency_ids, valid_view
@@ -24,6 +24,8 @@ from deeplight.ops.sweep.select import choose, pareto_front
 from deeplight.ops.sweep.space import ATTR, DIRECTIONS, OBJECTIVES, SweepSettings, _LOCAL_SETTINGS
 from deeplight.ops.sweep.storage import _diff, _open_study, _wait_for_attr, open_storage
 from deeplight.ops.sweep.trial_log import TrialLogger, _OpenRun
+
+_SWEEP = SweepConfig()
 
 
 def _state(name: str) -> Any:
@@ -37,7 +39,8 @@ def worker_id() -> str:
 
 
 def _comparable(cfg: Config) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.flat().items() if k not in _LOCAL_SETTINGS}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.flat(MODEL_SECTIONS).items()
+            if k not in _LOCAL_SETTINGS}
 
 
 def _data_meta(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +226,7 @@ def _parent_run(study: Any, settings: SweepSettings, base: Config, url: str, cre
         tags[PARENT_TAG] = mlflow_parent
     run = c.create_run(experiment_id(c, settings.experiment), run_name=f"sweep-{settings.study}", tags=tags)
     log = MlflowRunLog(c, run.info.run_id)
-    log.log_params({**base.flat(), "sweep.study": settings.study, "sweep.n_trials": settings.n_trials,
+    log.log_params({**base.flat(MODEL_SECTIONS), "sweep.study": settings.study, "sweep.n_trials": settings.n_trials,
                     "sweep.sampler": settings.sampler, "sweep.seed": settings.seed,
                     "sweep.tolerance": settings.tolerance, "sweep.latency_calls": settings.latency_calls,
                     **{f"sweep.space.{k}": ":".join(map(str, v)) for k, v in settings.space.to_dict().items()}})
@@ -307,8 +310,8 @@ def collect(study: Any) -> dict[str, Any]:
             "trials": rows, "pareto": [complete[i]["number"] for i in front], "states": states}
 
 
-def finalize(study: Any, data_dir: str | Path, out_dir: str | Path, tolerance: float = 0.001,
-             register: str | None = None, latency_calls: int = 2000, storage_url: str = "",
+def finalize(study: Any, data_dir: str | Path, out_dir: str | Path, tolerance: float = _SWEEP.tolerance,
+             register: str | None = None, latency_calls: int = _SWEEP.latency_calls, storage_url: str = "",
              dense: str | Path | None = None, score_test: bool = True) -> dict[str, Any]:
     """Choose the trade-off, time dense vs chosen side by side, score both on test (only now), write the report
     to out_dir/report and log it to the sweep's parent run; `register`: register the chosen model under that

@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+from deeplight.base.config import RegistryConfig, SweepConfig
 from deeplight.base.errors import DeeplightError
 
+_SWEEP = SweepConfig()  # every default below comes from the one Config
 SAMPLERS = ("tpe", "nsga2", "random")
 MODES = ("unstructured", "structured")
 OBJECTIVES = ("valid_auc", "latency_us")  # maximize, minimize
@@ -40,11 +42,16 @@ def parse_range(text: str, kind: type = float) -> tuple[Any, Any]:
 class SearchSpace:
     """Ranges of the searched `prune.*` settings (LOW == HIGH fixes a setting)."""
 
-    dnn: tuple[float, float] = (0.0, 0.98)
-    field: tuple[float, float] = (0.0, 0.98)
-    embedding: tuple[float, float] = (0.0, 0.9)
-    modes: tuple[str, ...] = MODES
-    finetune_epochs: tuple[int, int] = (1, 2)
+    dnn: tuple[float, float] = _SWEEP.dnn
+    field: tuple[float, float] = _SWEEP.field
+    embedding: tuple[float, float] = _SWEEP.embedding
+    modes: tuple[str, ...] = _SWEEP.modes
+    finetune_epochs: tuple[int, int] = _SWEEP.finetune_epochs
+
+    @classmethod
+    def from_config(cls, sc: SweepConfig) -> "SearchSpace":
+        return cls(dnn=tuple(sc.dnn), field=tuple(sc.field), embedding=tuple(sc.embedding),  # type: ignore[arg-type]
+                   modes=tuple(sc.modes), finetune_epochs=tuple(sc.finetune_epochs))  # type: ignore[arg-type]
 
     def validate(self) -> None:
         for name in ("dnn", "field", "embedding"):
@@ -90,19 +97,28 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    study: str = "deeplight-sweep"
+    """How one sweep runs; defaults from `Config().sweep` (see SweepConfig for what each means)."""
+
+    study: str = _SWEEP.study
     # SQLAlchemy URL; None: $DEEPLIGHT_OPTUNA_STORAGE (keeps a password out of pipeline parameters), else
     # sqlite:///<mlruns>/optuna.db
     storage: str | None = None
-    n_trials: int = 20  # COMPLETE trials the study ends with, over all workers and restarts
-    sampler: str = "tpe"  # tpe | nsga2 | random
-    seed: int = 0
-    tolerance: float = 0.001  # the chosen trial's valid AUC may be this much below the dense model's
+    n_trials: int = _SWEEP.n_trials
+    sampler: str = _SWEEP.sampler
+    seed: int = _SWEEP.seed
+    tolerance: float = _SWEEP.tolerance
     space: SearchSpace = field(default_factory=SearchSpace)
-    latency_calls: int = 2000  # batch-1 calls whose median is a trial's latency
-    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    latency_calls: int = _SWEEP.latency_calls
+    heartbeat_interval: int = _SWEEP.heartbeat
     grace_period: int | None = None  # a trial silent this long is failed; None: 3 x heartbeat_interval
-    experiment: str = "deeplight"  # MLflow experiment
+    experiment: str = RegistryConfig().experiment  # MLflow experiment
+
+    @classmethod
+    def from_config(cls, sc: SweepConfig, **kw: Any) -> "SweepSettings":
+        """Settings from a Config's sweep section (+ run-only settings: storage, grace_period, experiment)."""
+        return cls(study=sc.study, n_trials=sc.n_trials, sampler=sc.sampler, seed=sc.seed, tolerance=sc.tolerance,
+                   space=SearchSpace.from_config(sc), latency_calls=sc.latency_calls,
+                   heartbeat_interval=sc.heartbeat, **kw)
 
     def validate(self) -> None:
         self.space.validate()
