@@ -78,7 +78,7 @@ def deeplight_pipeline(
         eval_pruned = evaluate(model=pruned.outputs["model"], hashed=data, variant="pruned",
                                parent_run_id=parent).after(eval_dense).set_display_name("evaluate-pruned")
         registered = register(model=pruned.outputs["model"], hashed=data, evaluation=eval_pruned.outputs["evaluation"],
-                              model_name=model_name, parent_run_id=parent)
+                              dense=dense.outputs["model"], model_name=model_name, parent_run_id=parent)
         tasks = [start, raw, hashed, dense, pruned, eval_dense, eval_pruned, registered]
         with dsl.If(promote_model == True, name="promote-when-asked"):  # noqa: E712 (a KFP condition, not Python)
             gate = promote(model_name=model_name, tolerance=promote_tolerance, latency_slo_us=latency_slo_us,

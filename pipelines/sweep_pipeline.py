@@ -84,7 +84,7 @@ def sweep_pipeline(
                               completed=dsl.Collected(worker.outputs["Output"]), parent_run_id=parent, **sweep)
         scored = evaluate(model=chosen.outputs["model"], hashed=data, variant="chosen", parent_run_id=parent)
         registered = register(model=chosen.outputs["model"], hashed=data, evaluation=scored.outputs["evaluation"],
-                              model_name=model_name, parent_run_id=parent)
+                              dense=dense.outputs["model"], model_name=model_name, parent_run_id=parent)
         for task in (start, raw, hashed, slots, dense, worker, chosen, scored, registered):
             task.set_caching_options(False)
 

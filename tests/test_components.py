@@ -107,10 +107,11 @@ def evaluated(started, hashed, pruned):
 
 
 @pytest.fixture(scope="module")
-def registered(started, hashed, pruned, evaluated):
+def registered(started, hashed, dense, pruned, evaluated):
     return run_alone(components.register, {"model": (Model, pruned["model"].path),
                                            "hashed": (Dataset, hashed["hashed"].path),
-                                           "evaluation": (Artifact, evaluated["evaluation"].path)},
+                                           "evaluation": (Artifact, evaluated["evaluation"].path),
+                                           "dense": (Model, dense["model"].path)},
                      model_name="ctr-test", parent_run_id=started.parent)
 
 
@@ -229,6 +230,12 @@ def test_register_creates_a_challenger_version(env, started, registered):
     mv = env.client.get_model_version_by_alias("ctr-test", "challenger")
     assert str(mv.version) == "1" and mv.tags["parent_run_id"] == started.parent
     assert env.client.get_run(started.parent).data.tags["deeplight.registered"] == "ctr-test/1"
+    # What is served, timed at registration: the registered pyfunc beside the dense model, on raw rows.
+    for key in ("served_latency_us_1row", "served_rows_per_s_1000", "served_dense_latency_us_1row",
+                "served_dense_rows_per_s_1000"):
+        assert float(mv.tags[key]) > 0, key
+    parent_metrics = env.client.get_run(started.parent).data.metrics
+    assert parent_metrics["served_latency_us_1row"] == float(mv.tags["served_latency_us_1row"])
 
 
 def test_promote_makes_the_first_challenger_champion(env, started, registered):

@@ -121,7 +121,8 @@ def test_torch_is_the_cpu_build(image: str):
 
 
 def test_the_project_and_its_runtime_deps_import(image: str):
-    code = ("import deeplight.cli, numba, onnxruntime, pyarrow, mlflow, kfp, optuna, boto3, psycopg2; "
+    code = ("import deeplight.cli, deeplight.ops.server, kserve, numba, onnxruntime, pyarrow, mlflow, kfp, optuna, "
+            "boto3, psycopg2; "
             "import importlib.metadata as m; print(m.version('deeplight'))")
     assert run(image, "python", "-c", code).stdout.strip() == "0.1.0"
     # non-editable: the package lives in the venv, not in a source checkout

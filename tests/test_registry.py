@@ -23,7 +23,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeplight.cli import main
@@ -162,10 +161,12 @@ def test_register_sets_alias_and_tags_and_logs_the_exports(trained: dict, regist
         "compact.npz", "feature_map.json", "model.onnx", "model.torchscript.pt"}
     assert (local / "code" / "deeplight" / "ops" / "pyfunc.py").is_file()  # serving needs no installed deeplight
     info = mlflow.models.get_model_info("models:/ctr/1")
-    inputs = info.signature.inputs
-    assert inputs.input_names() == COLUMNS
-    assert [c.required for c in inputs.inputs] == [False] + [True] * 39  # the label is optional
+    # Outputs only: MLflow checks no input schema (costly, and it would drop misspelt columns); our code does.
+    assert info.signature.inputs is None and info.signature.outputs.input_names() == ["probability"]
     assert (local / "input_example.json").is_file()
+    mv = c.get_model_version("ctr", "1")
+    assert float(mv.tags["served_latency_us_1row"]) > 0 and float(mv.tags["served_rows_per_s_1000"]) > 0
+    assert mv.tags["host.cores"] and mv.tags["host.load_avg_1m"]
 
 
 def test_pyfunc_scores_raw_rows_like_the_compact_model(trained: dict, registered: dict, raw_records: list[dict]):
@@ -213,8 +214,21 @@ def test_model_loads_without_an_installed_deeplight(trained: dict, registered: d
 def test_bad_rows_get_a_clear_error_naming_row_and_field(registered: dict, raw_records: list[dict]):
     model = registered["model"]
     good = pd.DataFrame(raw_records[:3])
-    with pytest.raises(MlflowException, match=r"missing inputs.*C26"):
+    with pytest.raises(BadRowsError, match=r"row 0, field 'C26': missing"):
         model.predict(good.drop(columns=["C26"]))
+    # A record of a batch without a field, or with a misspelt one: refused, naming row and field.
+    lacking = [dict(r) for r in raw_records[:3]]
+    del lacking[1]["C7"]
+    with pytest.raises(BadRowsError, match=r"row 1, field 'C7': missing"):
+        model.predict(lacking)
+    with pytest.raises(BadRowsError, match=r"row 1, field 'C7': missing"):
+        model.predict(pd.DataFrame(lacking))  # the frame MLflow builds from dataframe_records
+    misspelt = [dict(r) for r in raw_records[:3]]
+    misspelt[2]["C14x"] = misspelt[2].pop("C14")
+    with pytest.raises(BadRowsError, match=r"row 2, field 'C14x': unknown"):
+        model.predict(misspelt)
+    with pytest.raises(BadRowsError, match=r"row 2, field 'C14x': unknown"):
+        model.predict(pd.DataFrame(misspelt))
     cases = [("I2", "abc", r"row 1, field 'I2': non-integer"), ("I3", 3.5, r"row 1, field 'I3': non-integer"),
              ("C1", True, r"row 1, field 'C1': expected a string or a number"),
              ("label", "2", r"row 1, field 'label': label 'label' must be 0 or 1"),
@@ -266,16 +280,19 @@ def test_gate_promotes_better_refuses_worse_and_is_idempotent(trained: dict, loc
     again = promote("gate", tolerance=0.001)
     assert again["decision"] == "rejected" and not again["changed"] and state(c, "gate") == before
 
-    # Within the tolerance but slower than the SLO: rejected; with a looser SLO: promoted; then a no-op.
+    # Within the tolerance but slower than the SLO: rejected; with a looser SLO: promoted; then a no-op. The SLO
+    # applies to what is served: one raw row through the registered pyfunc, measured at registration.
     register_model(ckpt, data, "gate", metrics=with_metrics(base, auc=0.7491, latency=80.0))
-    slow = promote("gate", latency_slo_us=50)
-    assert slow["decision"] == "rejected" and any("exceeds the 50" in r for r in slow["reasons"])
-    ok = promote("gate", latency_slo_us=100)
+    served = float(c.get_model_version("gate", "3").tags["served_latency_us_1row"])
+    assert served > 0
+    slow = promote("gate", latency_slo_us=served / 2)
+    assert slow["decision"] == "rejected" and any(f"exceeds the {served / 2}" in r for r in slow["reasons"])
+    ok = promote("gate", latency_slo_us=served * 2)
     assert ok["promoted"] and ok["champion_before"] == "1" and ok["champion"] == "3"
     assert str(c.get_model_version_by_alias("gate", "champion").version) == "3"
     assert c.get_model_version("gate", "3").tags["promotion.decision"] == "promoted"
     before = state(c, "gate")
-    assert not promote("gate", latency_slo_us=100)["changed"] and state(c, "gate") == before
+    assert not promote("gate", latency_slo_us=served * 2)["changed"] and state(c, "gate") == before
 
     with pytest.raises(DeeplightError, match="tolerance"):
         promote("gate", tolerance=-1)
@@ -306,6 +323,13 @@ def test_other_feature_map_is_refused_and_cli(trained: dict, local_store: Mlflow
     before = state(c, "mixed")
     assert main(["promote", "--name", "mixed"]) == 2
     assert "refused" in capsys.readouterr().err and state(c, "mixed") == before
+
+    # Rejected by the gate: its own exit status (3), so a CI step or pipeline can tell it from promoted (0).
+    worse = {**trained["dense_metrics"], "auc": trained["dense_metrics"]["auc"] - 0.01}
+    register_model(str(trained["dense"]), str(trained["a"]), "mixed", metrics=worse)
+    assert main(["promote", "--name", "mixed"]) == 3
+    assert json.loads(capsys.readouterr().out)["decision"] == "rejected"
+    assert main(["promote", "--name", "mixed"]) == 3  # the same decision again: still rejected
 
 
 # --- real servers ---------------------------------------------------------------------------------------
@@ -475,12 +499,68 @@ def test_mlflow_models_serve_answers_raw_rows(trained: dict, local_server_regist
         missing = [{k: v for k, v in r.items() if k != "C26"} for r in raw_records[:3]]
         wrong_type = [dict(r) for r in raw_records[:3]]
         wrong_type[2]["C5"] = {"nested": 1}
+        lacking = [dict(r) for r in raw_records[:3]]  # one record of a batch without a field, one misspelt
+        lacking[1] = {"I1": "5"}
+        misspelt = [dict(r) for r in raw_records[:3]]
+        misspelt[2]["C14x"] = misspelt[2].pop("C14")
         for rows, message in ((bad_value, "row 1, field 'I2': non-integer in integer field 'I2': 'abc'"),
-                              (missing, "missing inputs ['C26']"),
-                              (wrong_type, "row 2, field 'C5': expected a string or a number")):
+                              (missing, "row 0, field 'C26': missing"),
+                              (wrong_type, "row 2, field 'C5': expected a string or a number"),
+                              (lacking, "row 1, field 'I2': missing"),
+                              (misspelt, "row 2, field 'C14x': unknown field")):
             status, body = _post(url, {"dataframe_records": rows})
             assert status == 400, body
             assert body["error_code"] == "INVALID_PARAMETER_VALUE" and message in body["message"]
             assert "stack_trace" not in body and "Traceback" not in body["message"]
     finally:
         stop(proc)  # now rather than at module teardown: frees a core
+
+
+@pytest.mark.integration
+def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, local_server_registry: dict,
+                                                                raw_records: list[dict], tmp_path: Path):
+    """`deeplight serve` (a real KServe ModelServer process on 127.0.0.1) of the champion: the same scores as the
+    compact model over v1 and v2, and HTTP 400 naming row and field for every malformed request."""
+    port, log = free_port(), tmp_path / "kserve.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
+           **local_server_registry["env"]}
+    proc = start([str(BIN / "deeplight"), "serve", "--model", "models:/ctr@champion", "--port", str(port)], log, env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, log)
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local = [line.split()[3] for line in listening.splitlines()]  # State Recv-Q Send-Q Local Peer
+        assert local and all(addr.startswith("127.0.0.1:") for addr in local), listening  # loopback only
+        champion = local_server_registry["second"]["champion"]
+        want = expected(trained["dense" if champion == "1" else "pruned"], trained["a"], raw_records)
+        records = [{k: v for k, v in r.items() if k != "label"} for r in raw_records]
+        v1 = f"http://127.0.0.1:{port}/v1/models/deeplight:predict"
+        status, body = _post(v1, {"instances": records})
+        assert status == 200
+        np.testing.assert_allclose(body["predictions"], want, rtol=0, atol=1e-7)
+        v2 = f"http://127.0.0.1:{port}/v2/models/deeplight/infer"
+        tensors = [{"name": c, "shape": [len(records)], "datatype": "BYTES", "data": [r[c] for r in records]}
+                   for c in COLUMNS[1:]]
+        status, body = _post(v2, {"inputs": tensors})
+        assert status == 200 and body["outputs"][0]["name"] == "probability"
+        np.testing.assert_allclose(body["outputs"][0]["data"], want, rtol=0, atol=1e-7)
+
+        lacking = [dict(r) for r in records[:3]]
+        del lacking[1]["C9"]
+        misspelt = [dict(r) for r in records[:3]]
+        misspelt[2]["C14x"] = misspelt[2].pop("C14")
+        bad_value = [dict(r) for r in records[:3]]
+        bad_value[1]["I5"] = "abc"
+        bad_tensor = [dict(x, data=list(x["data"][:3])) | {"shape": [3]} for x in tensors]
+        bad_tensor[4]["data"][2] = "1.5"
+        for url, body_, message in (
+                (v1, {"instances": lacking}, "row 1, field 'C9': missing"),
+                (v1, {"instances": misspelt}, "row 2, field 'C14x': unknown"),
+                (v1, {"instances": bad_value}, "row 1, field 'I5': non-integer"),
+                (v1, {"rows": records}, "instances"),
+                (v2, {"inputs": bad_tensor}, "row 2, field 'I5': non-integer"),
+                (v2, {"inputs": tensors[:-1]}, "field 'C26': missing")):
+            status, body = _post(url, body_)
+            assert status == 400 and message in body["error"], (status, body)
+    finally:
+        stop(proc)
+

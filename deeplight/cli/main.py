@@ -183,12 +183,27 @@ def cmd_register(a: argparse.Namespace) -> None:
     _print_json(result)
 
 
-def cmd_promote(a: argparse.Namespace) -> None:
+EXIT_REJECTED = 3  # `deeplight promote`: the gate rejected the challenger (2 is an error, 0 promoted or unchanged)
+
+
+def cmd_promote(a: argparse.Namespace) -> int:
     from deeplight.ops.registry import promote
 
     cfg = config_from(a)
-    _print_json(promote(cfg.registry.model_name, tolerance=cfg.promote.tolerance,
-                        latency_slo_us=cfg.promote.latency_slo_us))
+    decision = promote(cfg.registry.model_name, tolerance=cfg.promote.tolerance,
+                       latency_slo_us=cfg.promote.latency_slo_us)
+    _print_json(decision)
+    return EXIT_REJECTED if decision["decision"] == "rejected" else 0
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from deeplight.ops.server import serve
+
+    s = config_from(a).serve
+    model = a.model or f"models:/{config_from(a).registry.model_name}@champion"
+    print(f"deeplight serve: {model} on http://{s.host}:{s.port} (v2: /v2/models/{a.name}/infer, "
+          f"v1: /v1/models/{a.name}:predict)", flush=True)
+    serve(model, name=a.name, host=s.host, port=s.port, threads=s.threads)
 
 def _tracker(a: argparse.Namespace):
     if a.no_mlflow:
@@ -335,11 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag (repeatable)")
     add_set(sp)
 
-    sp = add("promote", cmd_promote, "move alias champion to the challenger if it passes the AUC/latency gate")
+    sp = add("promote", cmd_promote, "move alias champion to the challenger if it passes the AUC/latency gate; "
+                                     "exit status 0: promoted or unchanged, 3: rejected by the gate, 2: error")
     setting(sp, "--name", "registry.model_name", help="registered model name")
     setting(sp, "--tolerance", "promote.tolerance", float, "largest test AUC drop vs the champion that still passes")
     setting(sp, "--latency-slo-us", "promote.latency_slo_us", float,
-            "largest batch-1 latency (microseconds) that passes")
+            "largest served latency of one raw row (microseconds, measured at registration) that passes")
+    add_set(sp)
+
+    sp = add("serve", cmd_serve, "serve a registered model over HTTP: a KServe predictor (Open Inference Protocol "
+                                 "v2 and v1) scoring raw rows")
+    sp.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory "
+                                    "(default: models:/<registry.model_name>@champion)")
+    sp.add_argument("--name", default="deeplight", help="the model's name in the URLs")
+    setting(sp, "--host", "serve.host", help="address to bind (0.0.0.0 in a cluster pod)")
+    setting(sp, "--port", "serve.port", int)
+    setting(sp, "--threads", "serve.threads", int, "BLAS threads of the engine")
     add_set(sp)
     return p
 
@@ -347,11 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except DeeplightError as e:
         print(f"deeplight: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

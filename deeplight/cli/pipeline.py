@@ -297,7 +297,7 @@ def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--model-name", help=f"registered model name (default {D.registry.model_name})")
     g.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
     g.add_argument("--tolerance", type=float, help=f"promotion: max AUC drop vs the champion (default {D.promote.tolerance})")
-    g.add_argument("--latency-slo-us", type=float, help="promotion: latency SLO in microseconds (default: none)")
+    g.add_argument("--latency-slo-us", type=float, help="promotion: SLO on the served latency of one raw row, microseconds (default: none)")
     g.add_argument("--run-name", help="MLflow parent run name (default: generated)")
 
 

@@ -61,6 +61,6 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     try:
         model = DeepFwFM.from_spec(ck["spec"])
         model.load_state_dict(ck["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise DeeplightError(f"{path}: not a deeplight checkpoint ({e.__class__.__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, DeeplightError) as e:
+        raise DeeplightError(f"{path}: not a deeplight checkpoint ({e})") from None
     return model.eval(), ck

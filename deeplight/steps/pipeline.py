@@ -299,15 +299,22 @@ def evaluate_step(model_dir: str, hashed_dir: str, variant: str, out_dir: str,
 
 
 def register_step(model_dir: str, hashed_dir: str, evaluation_dir: str, model_name: str, parent_run_id: str,
-                  variant: str = "pruned") -> dict[str, Any]:
-    """Register the model in the MLflow registry (alias `challenger`) with its evaluation metrics."""
+                  variant: str = "pruned", dense_dir: str | None = None) -> dict[str, Any]:
+    """Register the model in the MLflow registry (alias `challenger`) with its evaluation metrics and its served
+    latency (beside the dense model's, from `dense_dir`, when given)."""
     from deeplight.base.files import read_json
     from deeplight.ops.registry import register_model
 
     with step("register", parent_run_id):
         metrics = read_json(Path(evaluation_dir) / "metrics.json")
         info = register_model(str(Path(model_dir) / "best.pt"), hashed_dir, model_name, metrics=metrics,
-                              parent_run_id=parent_run_id or None, tags={VARIANT_TAG: variant})
+                              parent_run_id=parent_run_id or None, tags={VARIANT_TAG: variant},
+                              dense=str(Path(dense_dir) / "best.pt") if dense_dir else None)
+        if parent_run_id:  # the parent run's table gets the served latencies too, dense and pruned side by side
+            from deeplight.ops.tracking import MlflowRunLog, client
+
+            served = {k: float(v) for k, v in info.get("tags", {}).items() if k.startswith("served_")}
+            MlflowRunLog(client(), parent_run_id).log_metrics(served)
         if parent_run_id:
             from deeplight.ops.tracking import MlflowRunLog, client
 
