@@ -39,6 +39,7 @@ def main() -> None:
     if SHARED_CRITEO.exists():
         run(str(HERE / "accuracy.py"), "--raw", str(SHARED_CRITEO), "--epochs", "20")
     run(str(HERE / "inference.py"), "--synthetic", "--profile")
+    run(str(HERE / "serving.py"), *(["--quick"] if a.quick else []))
 
 
 if __name__ == "__main__":
