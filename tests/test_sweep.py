@@ -32,7 +32,7 @@ from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.ops.sweep import (SearchSpace, SweepSettings, choose, load_study, open_storage, pareto_front,
                              run_sweep)
 from deeplight.data.synth import synthesize
-from deeplight.model.train import evaluate
+from deeplight.model.train import evaluate_split
 
 from conftest import REPO
 
@@ -95,7 +95,7 @@ def test_search_space_and_objectives(swept):
         ck = checkpoint.load(t.user_attrs["checkpoint"])
         model = DeepFwFM.from_spec(ck["spec"])
         model.load_state_dict(ck["model"])
-        assert t.values[0] == pytest.approx(evaluate(model, swept.data, "valid")["auc"], abs=1e-9)
+        assert t.values[0] == pytest.approx(evaluate_split(model, swept.data, "valid")["auc"], abs=1e-9)
         # The trial pruned to its own targets (unstructured per-layer DNN / global embedding are exact).
         if t.params["prune.mode"] == "unstructured":
             assert t.user_attrs["sparsity"]["dnn"] == pytest.approx(t.params["prune.dnn"], abs=0.02)

@@ -85,7 +85,7 @@ def predict(model: DeepFwFM, loader: SplitLoader) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def evaluate(model: DeepFwFM, data_dir: str | Path, split: str) -> dict[str, float]:
+def evaluate_split(model: DeepFwFM, data_dir: str | Path, split: str) -> dict[str, float]:
     labels, probs = predict(model, SplitLoader(data_dir, split, batch_size=EVAL_BATCH))
     return metrics.evaluate_arrays(labels, probs)
 
@@ -170,7 +170,7 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         while p.epoch < self.epochs and p.bad_epochs < max(cfg.train.patience, 1):
             self._train_epoch()
-            valid = evaluate(self.model, self.data_dir, "valid")
+            valid = evaluate_split(self.model, self.data_dir, "valid")
             extra = self.hooks.epoch_metrics(self.model) if self.hooks else {}
             epoch_metrics = {"train_loss": p.loss_sum / max(p.loss_rows, 1), "valid_auc": valid["auc"],
                              "valid_logloss": valid["logloss"], "samples_per_s": p.loss_rows / max(p.seconds, 1e-9),
@@ -246,7 +246,7 @@ class Trainer:
         if self.hooks:
             self.hooks.load_state(best["extra"])
         valid = best["valid"]
-        test = evaluate(self.model, self.data_dir, "test") if self.manifest["rows"].get("test") else {}
+        test = evaluate_split(self.model, self.data_dir, "test") if self.manifest["rows"].get("test") else {}
         result = {
             "model": self.model.spec["kind"], "best_epoch": p.best_epoch, "epochs_run": p.epoch,
             "valid": valid, "test": test, "history": p.history,
