@@ -71,12 +71,51 @@ def open_input(uri: str) -> pa.NativeFile:
         raise DeeplightError(f"{uri}: cannot read ({e})") from None
 
 
+OUTPUT_MARKER = ".deeplight-output"  # in every folder a step writes: {"step": ...}; only such a folder is replaced
+
+
+def check_output_dir(out_dir: str | os.PathLike, step: str, inputs: Any = (), legacy_files: tuple[str, ...] = ()
+                     ) -> Path:
+    """Refuse an output folder whose replacement would lose data: one that is, or contains, an input (local
+    paths; s3:// inputs cannot be inside a local folder), a file, or a non-empty folder that is not a previous
+    result of the same step (its marker file, or for results written before markers, one of `legacy_files`)."""
+    out = Path(out_dir).absolute().resolve()
+    for uri in inputs:
+        if "://" in str(uri):
+            continue
+        src = Path(uri).absolute().resolve()
+        if src == out or out in src.parents:
+            raise DeeplightError(f"{out_dir}: the output folder is or contains the input {uri}; replacing it would "
+                                 "delete that input (choose another --out)")
+    if out.exists() and not out.is_dir():
+        raise DeeplightError(f"{out_dir}: exists and is not a folder (choose another --out)")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / OUTPUT_MARKER
+        ours = False
+        if marker.is_file():
+            try:
+                ours = json.loads(marker.read_text()).get("step") == step
+            except (ValueError, AttributeError):
+                ours = False
+        elif legacy_files:
+            ours = any((out / f).exists() for f in legacy_files)
+        if not ours:
+            raise DeeplightError(f"{out_dir}: a non-empty folder that is not a previous `deeplight {step}` result; "
+                                 "refusing to replace it (remove it yourself or choose another --out)")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = True, step: str | None = None,
+                      inputs: Any = (), legacy_files: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
 
-    A failed run leaves `out_dir` as it was (absent or the previous complete result), never half written.
+    A failed run leaves `out_dir` as it was (absent or the previous complete result), never half written. With
+    `step`, the folder is first checked (`check_output_dir`: never an input, a file or someone else's folder)
+    and the result carries the step's marker.
     """
+    if step is not None:
+        check_output_dir(out_dir, step, inputs, legacy_files)
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise DeeplightError(f"{out}: already exists")
@@ -84,6 +123,8 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        if step is not None:
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"step": step}) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -133,7 +133,7 @@ def apply_feature_map(fmap: FeatureMap, input_dir: str, out_dir: str) -> dict:
         raise DeeplightError(f"{out_dir}: the output directory must differ from the input and not contain it")
     rows: dict[str, int] = {}
     fingerprints: dict[str, str] = {}
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, step="hash", inputs=[root], legacy_files=("feature_map.json",)) as tmp:
         for split in SPLITS:
             written = _write_split(fmap, schema, splits.get(split, []), tmp / split, split)
             rows[split] = sum(n for _, n in written)

@@ -417,7 +417,7 @@ def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, f
 
     sizes = [_input_size(uri) for uri in inputs]
     stats = [_InputStats(uri) for uri in inputs]
-    with atomic_output_dir(out_dir) as tmp, \
+    with atomic_output_dir(out_dir, step="ingest", inputs=inputs, legacy_files=("report.json",)) as tmp, \
             tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, desc="ingest",  # type: ignore
                  disable=None) as bar, \
             open(tmp / "quarantine.jsonl", "w") as quarantine, \
