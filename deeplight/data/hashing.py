@@ -87,6 +87,9 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
     specs = [FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
     counters = [_Counts() for _ in specs]
     files = splits["train"]
+    if min_count is not None and _count_rows(files) == 0:
+        raise DeeplightError(f"{root / 'train'}: the train split is empty; a vocabulary fitted on it would map every "
+                             "value to unknown (ingest more rows, change --split, or use --buckets)")
 
     def count(batch: pa.RecordBatch, path: Path, start: int) -> list[tuple[pa.Array, np.ndarray]]:
         out = []

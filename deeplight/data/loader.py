@@ -44,6 +44,24 @@ def split_files(data_dir: str | Path, split: str) -> list[Path]:
     return sorted(split_dir.glob("*.parquet"))
 
 
+def check_both_classes(data_dir: str | Path, splits: tuple[str, ...] = ("train", "valid")) -> None:
+    """Fail before training when a split's labels are all one class: the loss has nothing to learn and the valid
+    AUC that early stopping needs is undefined. Reads label batches until both classes are seen (usually one)."""
+    for split in splits:
+        seen: set[float] = set()
+        for path in split_files(data_dir, split):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["label"]):
+                seen.update(np.unique(batch.column(0).to_numpy(zero_copy_only=False)).tolist())
+                if len(seen) > 1:
+                    break
+            if len(seen) > 1:
+                break
+        if len(seen) < 2:
+            what = f"only label {int(next(iter(seen)))}" if seen else "no rows"
+            raise DeeplightError(f"{data_dir}: the {split} split has {what}; training needs clicks and non-clicks "
+                                 "in train and valid (AUC needs both classes)")
+
+
 class SplitLoader:
     """Batches of (ids, labels) from one split of a hashed dataset."""
 

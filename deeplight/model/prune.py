@@ -35,7 +35,7 @@ import torch
 
 from deeplight.model import checkpoint
 from deeplight.base.config import MODEL_SECTIONS, Config, PruneConfig
-from deeplight.data.loader import SplitLoader, read_manifest
+from deeplight.data.loader import SplitLoader, check_both_classes, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.base.tracker import NullTracker, RunLog, Tracker
@@ -275,6 +275,7 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     model, dense = checkpoint.load_model(dense_checkpoint)
     model.train()
     manifest = read_manifest(data_dir)
+    check_both_classes(data_dir)
     if dense.get("feature_map_fingerprint") != manifest.get("feature_map_fingerprint", ""):
         raise DeeplightError(f"{dense_checkpoint} was trained with another feature map than {data_dir}")
     torch.manual_seed(cfg.train.seed)

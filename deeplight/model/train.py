@@ -27,7 +27,7 @@ from deeplight.model import checkpoint
 
 from deeplight.model import metrics
 from deeplight.base.config import MODEL_SECTIONS, Config, TrainConfig
-from deeplight.data.loader import SplitLoader, read_manifest
+from deeplight.data.loader import SplitLoader, check_both_classes, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.base.files import write_json
 from deeplight.model.deepfwfm import DeepFwFM
@@ -266,6 +266,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: Config, tracker: Track
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     manifest = read_manifest(data_dir)
+    check_both_classes(data_dir)
     torch.manual_seed(cfg.train.seed)
     model = DeepFwFM.from_config(manifest["field_sizes"], cfg.model)
     trainer = Trainer(model, data_dir, out_dir, cfg, epochs=cfg.train.epochs)
