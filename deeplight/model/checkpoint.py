@@ -53,11 +53,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ck
 
 
-def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The one checkpoint -> model loader: (DeepFwFM in eval mode, the checkpoint dict)."""
+def load_model(path: str | Path, ck: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The one checkpoint -> model loader: (DeepFwFM in eval mode, the checkpoint dict). `ck`: the checkpoint
+    already read from `path` with `load_checkpoint` (the model is built from it; the file is not read again)."""
     from deeplight.model.deepfwfm import DeepFwFM
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path) if ck is None else ck
     try:
         model = DeepFwFM.from_spec(ck["spec"])
         model.load_state_dict(ck["model"])

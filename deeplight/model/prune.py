@@ -272,13 +272,13 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
         raise DeeplightError("pruning needs ramp_epochs > 0 and finetune_epochs >= 1")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model, dense = checkpoint.load_model(dense_checkpoint)
-    model.train()
+    dense = checkpoint.load_checkpoint(dense_checkpoint)
     manifest = read_manifest(data_dir)
     check_both_classes(data_dir)
     if dense.get("feature_map_fingerprint") != manifest.get("feature_map_fingerprint", ""):
         raise DeeplightError(f"{dense_checkpoint} was trained with another feature map than {data_dir}")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # before the model is built: its init draws from the RNG, as in training
+    model = checkpoint.load_model(dense_checkpoint, dense)[0].train()
     steps_per_epoch = SplitLoader(data_dir, "train", batch_size=cfg.train.batch_size).num_batches()
     ramp_steps = max(1, round(cfg.prune.ramp_epochs * steps_per_epoch))
     epochs = math.ceil(cfg.prune.ramp_epochs) + cfg.prune.finetune_epochs
