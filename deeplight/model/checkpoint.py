@@ -47,7 +47,8 @@ MODEL_KEYS = ("spec", "model", "config")  # what every deeplight model checkpoin
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A deeplight model checkpoint as a dict; any other loadable file is refused with one clear error."""
     ck = load(path)
-    if not isinstance(ck, dict) or any(k not in ck for k in MODEL_KEYS):
+    if not isinstance(ck, dict) or any(k not in ck for k in MODEL_KEYS) or not isinstance(ck["spec"], dict) \
+            or "field_sizes" not in ck["spec"]:
         raise DeeplightError(f"{path}: not a deeplight checkpoint (want a best.pt or last.pt written by "
                              "`deeplight train` or `deeplight prune`)")
     return ck
