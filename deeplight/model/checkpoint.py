@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from deeplight.base.errors import DeeplightError
+from deeplight.base.files import usual_mode
 
 
 def save(obj: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, usual_mode())  # mkstemp's 0600 would hide the model from a step running as another user
     os.close(fd)
     try:
         torch.save(obj, tmp)
