@@ -10,7 +10,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from deeplight.base.errors import DeeplightError
-from deeplight.model.metrics import auc, calibration, calibration_curve, evaluate_arrays, logloss, roc_curve
+from deeplight.model.metrics import (auc, calibration, calibration_curve, evaluate_arrays, expected_calibration_error,
+                                     logloss, roc_curve)
 
 
 def test_auc_by_hand():
@@ -107,15 +108,31 @@ def test_calibration_curve_quantile_bins():
     np.testing.assert_allclose(o, [0, 1, 1])
 
 
+def test_expected_calibration_error_by_hand():
+    # Two quantile bins: the low half predicts 0.1 and sees 1 click in 4 (|0.1 - 0.25|), the high half is exact.
+    y = [0, 0, 0, 1, 1, 1, 0, 0]
+    p = [0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5]
+    assert expected_calibration_error(y, p, bins=2) == pytest.approx(0.5 * 0.15)
+    # A constant shift of every prediction is an ECE of that shift, whatever the bins.
+    rng = np.random.default_rng(3)
+    q = rng.uniform(0.1, 0.5, 20_000)
+    clicks = (rng.random(20_000) < q).astype(int)
+    assert expected_calibration_error(clicks, q + 0.05) == pytest.approx(0.05, abs=0.01)
+    assert expected_calibration_error(clicks, q) < 0.01
+    with pytest.raises(DeeplightError, match="bins"):
+        expected_calibration_error(y, p, bins=0)
+
+
 def test_evaluate_arrays():
     rng = np.random.default_rng(7)
     p = rng.uniform(0.05, 0.95, 5_000)
     y = (rng.random(5_000) < p).astype(int)  # calibrated by construction
     out = evaluate_arrays(y, p)
-    assert set(out) == {"auc", "logloss", "rows", "mean_pred", "observed_ctr", "calibration"}
+    assert set(out) == {"auc", "logloss", "ece", "rows", "mean_pred", "observed_ctr", "calibration"}
     assert out["rows"] == 5_000
     assert out["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert out["logloss"] == pytest.approx(log_loss(y, p), rel=1e-10)
     assert out["observed_ctr"] == pytest.approx(y.mean())
     assert abs(out["calibration"] - 1.0) < 0.05
+    assert out["ece"] < 0.03  # calibrated: only sampling noise per bin (500 rows, sd ~0.02)
     assert all(isinstance(v, (int, float)) for v in out.values())

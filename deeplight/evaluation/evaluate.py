@@ -9,9 +9,12 @@ AUC is the AUC of what ships and the latency is the engine's. Latency is the med
 the mean time per call at batch 1 (`score_one`) and batch 4096 (`score`), one thread (BLAS pinned with
 threadpoolctl), on fresh rows of the split each call; it covers scoring hashed ids, not parsing raw rows.
 `model_bytes` is the size of `compact.npz` on disk. Parameter counts and sparsity are those of the checkpoint's
-DeepFwFM (exact zeros). Plots (with `plots_dir`): `roc_curve.png`, `calibration_curve.png` and
-`field_pairs.png`, a heatmap of |R| (the field-pair weights; pruned pairs blank), next to the dense model's R
-when `dense` names the dense checkpoint. `flat_metrics` gives the numbers as MLflow metric names.
+DeepFwFM (exact zeros). `ece` is the expected calibration error over 10 quantile bins (model/metrics.py);
+`recalibrated` is 1 when pruning re-fitted a temperature and bias on the valid split (`calibration_refit` says
+how), else 0. Plots (with `plots_dir`): `roc_curve.png`, `calibration_curve.png` (reliability diagram on log
+axes, ECE in the legend, the dense model's curve beside it when `dense` is given) and `field_pairs.png`, a
+heatmap of |R| (the field-pair weights; pruned pairs blank), next to the dense model's R when `dense` names the
+dense checkpoint. `flat_metrics` gives the numbers as MLflow metric names.
 
     >>> flat = flat_metrics({"split": "test", "auc": 0.8, "latency_us": {"1": 9.5, "4096": 800.0},
     ...                      "sparsity": {"dnn": 0.9}, "kept_pairs": [{"pair": "C1 x C2"}]})
@@ -35,8 +38,8 @@ from deeplight.base.errors import DeeplightError
 
 LATENCY_BATCHES = (1, 4096)
 POOL_ROWS = 65_536  # rows the latency calls cycle through (~20 MB for Criteo)
-_PER_SPLIT = ("auc", "logloss", "calibration", "mean_pred", "observed_ctr", "rows")
-_SCALARS = ("samples_per_s", "params_total", "params_nonzero", "model_bytes")
+_PER_SPLIT = ("auc", "logloss", "ece", "calibration", "mean_pred", "observed_ctr", "rows")
+_SCALARS = ("samples_per_s", "params_total", "params_nonzero", "model_bytes", "recalibrated")
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
@@ -115,6 +118,8 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
         **quality,
         "calibration_curve": {"mean_pred": mean_pred.tolist(), "observed_ctr": observed.tolist(),
                               "rows": counts.tolist()},
+        "recalibrated": int(bool((ck.get("calibration") or {}).get("applied"))),
+        "calibration_refit": ck.get("calibration"),
         "latency_us": {str(b): latency[b] * 1e6 for b in LATENCY_BATCHES},
         "samples_per_s": LATENCY_BATCHES[-1] / latency[LATENCY_BATCHES[-1]],
         "latency_setup": {"backend": "numba", "threads": 1, "rounds": latency_rounds, "statistic": "median"},
@@ -132,7 +137,8 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     }
     if plots_dir is not None:
         dense_model = load_checkpoint_model(resolve_checkpoint(dense))[0] if dense else None
-        result["plots"] = [str(p) for p in write_plots(Path(plots_dir), labels, probs, model, names, dense_model)]
+        plots = write_plots(Path(plots_dir), labels, probs, model, names, dense_model, ids)
+        result["plots"] = [str(p) for p in plots]
     if out_json is not None:
         write_json(out_json, result)
     return result
@@ -215,8 +221,17 @@ def pair_matrix(model: Any) -> np.ndarray | None:
     return R
 
 
+def dense_probs(model: Any, ids: np.ndarray) -> np.ndarray:
+    """Click probabilities of a (dense) torch model on hashed ids, for the side-by-side calibration plot."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([torch.sigmoid(model(torch.from_numpy(ids[s:s + 65_536]))).numpy()
+                               for s in range(0, len(ids), 65_536)])
+
+
 def write_plots(out: Path, labels: np.ndarray, probs: np.ndarray, model: Any, names: list[str],
-                dense_model: Any = None) -> list[Path]:
+                dense_model: Any = None, ids: np.ndarray | None = None) -> list[Path]:
     from deeplight.model import metrics as mx
     from deeplight.base.plots import plt  # sets the headless backend
 
@@ -232,12 +247,23 @@ def write_plots(out: Path, labels: np.ndarray, probs: np.ndarray, model: Any, na
     ax.legend(loc="lower right")
     paths.append(_save(fig, out / "roc_curve.png", plt))
 
-    mean_pred, observed, _ = mx.calibration_curve(labels, probs, bins=10)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    top = max(float(mean_pred.max()), float(observed.max()), 1e-3) * 1.05
-    ax.plot([0, top], [0, top], ls="--", color="grey", lw=0.8)
-    ax.plot(mean_pred, observed, marker="o")
-    ax.set(xlabel="mean predicted CTR (decile)", ylabel="observed CTR", title="calibration")
+    # Reliability diagram on log axes: CTRs crowd near zero, where a linear plot hides the low deciles.
+    curves = [("pruned" if dense_model is not None else "model", probs)]
+    if dense_model is not None and ids is not None:
+        curves.insert(0, ("dense", dense_probs(dense_model, ids)))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    low, high = 1.0, 1e-4
+    for label, p in curves:
+        mean_pred, observed, _ = mx.calibration_curve(labels, p, bins=10)
+        ax.plot(mean_pred, np.maximum(observed, 1e-4), marker="o",
+                label=f"{label}: ECE {mx.expected_calibration_error(labels, p):.4f}, "
+                      f"mean {p.mean():.4f} vs {labels.mean():.4f}")
+        low = min(low, float(mean_pred.min()), float(max(observed.min(), 1e-4)))
+        high = max(high, float(mean_pred.max()), float(observed.max()))
+    ax.plot([low, high], [low, high], ls="--", color="grey", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="mean predicted CTR (decile of rows)", ylabel="observed CTR",
+           title="calibration (diagonal: calibrated)")
+    ax.legend(loc="upper left", fontsize=7)
     paths.append(_save(fig, out / "calibration_curve.png", plt))
 
     R = pair_matrix(model)

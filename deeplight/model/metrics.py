@@ -1,4 +1,4 @@
-"""Click-model metrics in plain numpy: exact ROC AUC (ties by average rank), log loss, calibration.
+"""Click-model metrics in plain numpy: exact ROC AUC (ties by average rank), log loss, calibration, ECE.
 
     >>> from deeplight.model.metrics import auc, logloss, calibration, evaluate_arrays
     >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
@@ -9,8 +9,10 @@
     0.366985
     >>> calibration([0, 0, 0, 1], [0.5, 0.5, 0.5, 0.5])
     {'mean_pred': 0.5, 'observed_ctr': 0.25, 'ratio': 2.0}
+    >>> round(expected_calibration_error([0, 0, 0, 1], [0.1, 0.1, 0.5, 0.5], bins=2), 6)  # (2*0.1 + 2*0)/4
+    0.05
     >>> sorted(evaluate_arrays([0, 1], [0.2, 0.7]))
-    ['auc', 'calibration', 'logloss', 'mean_pred', 'observed_ctr', 'rows']
+    ['auc', 'calibration', 'ece', 'logloss', 'mean_pred', 'observed_ctr', 'rows']
 """
 
 from __future__ import annotations
@@ -107,12 +109,25 @@ def calibration_curve(labels: Any, probs: Any, bins: int = 10) -> tuple[np.ndarr
     return mean_pred, observed, counts
 
 
+def expected_calibration_error(labels: Any, probs: Any, bins: int = 10) -> float:
+    """ECE: the row-weighted mean |mean predicted - observed CTR| over the reliability diagram's bins.
+
+    The bins are `calibration_curve`'s equal-count (quantile) bins, not equal-width ones: click probabilities
+    crowd below 0.3, where equal-width bins would put almost every row in one or two bins and hide the error.
+    In CTR units (0.01 = predictions off by one percentage point on average); 0 = calibrated per bin.
+    """
+    mean_pred, observed, counts = calibration_curve(labels, probs, bins=bins)
+    return float(np.sum(counts * np.abs(mean_pred - observed)) / np.sum(counts))
+
+
 def evaluate_arrays(labels: Any, probs: Any) -> dict[str, float | int]:
-    """The standard report: auc, logloss, rows, mean_pred, observed_ctr, calibration (= mean_pred / observed)."""
+    """The standard report: auc, logloss, rows, mean_pred, observed_ctr, calibration (= mean_pred / observed),
+    ece (expected calibration error over 10 quantile bins)."""
     cal = calibration(labels, probs)
     return {
         "auc": auc(labels, probs),
         "logloss": logloss(labels, probs),
+        "ece": expected_calibration_error(labels, probs),
         "rows": int(np.asarray(labels).size),
         "mean_pred": cal["mean_pred"],
         "observed_ctr": cal["observed_ctr"],
