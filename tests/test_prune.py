@@ -12,7 +12,8 @@ from deeplight.model import checkpoint
 from deeplight.base.config import Config
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
-from deeplight.model.prune import Pruner, Targets, damped_sparsity, prune, sparsity
+from deeplight.model.prune import (Pruner, Targets, damped_sparsity, fit_logit_scale, fold_logit_scale, prune, schedule,
+                                   sparsity)
 from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
@@ -120,3 +121,56 @@ def test_bad_targets_fail_clearly():
         Pruner(DeepFwFM([3, 3]), Targets(field=0.5), mode="random")
     with pytest.raises(DeeplightError, match="no DNN"):
         Pruner(DeepFwFM([3, 3], kind="fwfm"), Targets(dnn=0.5))
+
+
+def test_schedule_is_counted_in_steps_with_a_minimum():
+    p = Config().prune  # ramp 1 epoch, fine-tune 2 epochs, at least 100 steps each
+    assert schedule(391, p) == (391, 3)  # large data: the epochs decide, as before
+    assert schedule(4, p) == (100, 25 + 25)  # 8,000 rows at batch 2048: a 100-step ramp, not 4 steps
+    assert schedule(32, p) == (100, 4 + 4)
+    old = Config().replace(**{"prune.min_ramp_steps": 0, "prune.min_finetune_steps": 0}).prune
+    assert schedule(4, old) == (4, 3)
+    with pytest.raises(DeeplightError, match="ramp_epochs"):
+        schedule(10, Config().replace(**{"prune.finetune_epochs": 0}).prune)
+
+
+@pytest.mark.parametrize("kind", ["deepfwfm", "fwfm"])
+def test_folded_logit_scale_is_exactly_a_times_logit_plus_b_and_keeps_zeros(kind: str):
+    torch.manual_seed(1)
+    model = DeepFwFM([7, 5, 4, 3], kind=kind, embed_dim=4, dnn=(8,)).eval()
+    with torch.no_grad():
+        model.bias.fill_(0.3)
+        model.interaction.r[0] = 0.0
+    ids = torch.randint(0, 3, (64, 4))
+    before = model(ids).detach()
+    fold_logit_scale(model, 0.5, -0.2)
+    assert torch.allclose(model(ids).detach(), 0.5 * before - 0.2, atol=1e-6)
+    assert model.interaction.r[0] == 0  # a pruned pair stays pruned
+
+
+def test_fit_logit_scale_recovers_a_known_temperature():
+    rng = torch.Generator().manual_seed(0)
+    true_logit = torch.randn(40_000, generator=rng) - 1.0
+    labels = (torch.rand(40_000, generator=rng) < torch.sigmoid(true_logit)).double()
+    a, b = fit_logit_scale(2.0 * true_logit + 0.5, labels)  # overconfident and shifted: a ~ 0.5, b ~ -0.25 + ...
+    assert a == pytest.approx(0.5, abs=0.03)
+    assert b == pytest.approx(-0.25, abs=0.05)
+
+
+def test_distillation_and_recalibration_are_recorded(dense, tmp_path: Path):
+    data, dense_ckpt = dense
+    cfg = Config().replace(**BASE, **{"prune.dnn": 0.8, "prune.field": 0.5, "prune.embedding": 0.3,
+                                      "prune.ramp_epochs": 1.0, "prune.finetune_epochs": 1,
+                                      "prune.distill_weight": 1.0, "prune.recalibrate": True})
+    result = prune(dense_ckpt, data, tmp_path / "refit", cfg)
+    refit = result["recalibrated"]
+    assert refit["applied"] and refit["fitted_on"] == "valid"
+    assert refit["valid_logloss_after"] <= refit["valid_logloss_before"] + 1e-9
+    assert result["valid"]["logloss"] == pytest.approx(refit["valid_logloss_after"], abs=1e-5)
+    assert result["pruning"]["distill_weight"] == 1.0
+    ck = checkpoint.load(tmp_path / "refit" / "best.pt")
+    assert ck["calibration"] == refit
+    assert sparsity(checkpoint.load_model(tmp_path / "refit" / "best.pt")[0])["dnn"] == pytest.approx(0.8, abs=0.01)
+    # Without the flag nothing is re-fitted, and the result says so.
+    plain = prune(dense_ckpt, data, tmp_path / "plain", cfg.replace(**{"prune.recalibrate": False}))
+    assert plain["recalibrated"] == {"applied": False}

@@ -18,7 +18,7 @@ from deeplight.model import checkpoint
 from deeplight.base.config import Config
 from deeplight.data.loader import SplitLoader
 from deeplight.base.errors import DeeplightError
-from deeplight.model.train import train
+from deeplight.model.train import distillation_loss, train, train_batch_size
 
 from conftest import write_hashed_dataset
 
@@ -167,3 +167,36 @@ def test_dnn_gets_its_own_weight_decay():
     same = param_groups(model, dataclasses.replace(Config().train, weight_decay=3e-4, dnn_weight_decay=None))
     assert {g["weight_decay"] for g in same} == {3e-4}  # unset: the DNN follows weight_decay
     assert len(param_groups(DeepFwFM([5, 7, 3], kind="fwfm"), tc)) == 1  # no DNN, no empty group
+
+
+def test_small_train_splits_get_a_smaller_batch():
+    tc = Config().train
+    assert tc.batch_size == 2048 and tc.min_steps_per_epoch == 32
+    assert train_batch_size(8_000, tc) == 250  # 32 steps per epoch, not 4
+    assert train_batch_size(65_536, tc) == 2048 and train_batch_size(1_000_000, tc) == 2048  # large data: as set
+    assert train_batch_size(10, tc) == 1
+    off = Config().replace(**{"train.min_steps_per_epoch": 0}).train
+    assert train_batch_size(8_000, off) == 2048
+
+
+def test_training_uses_the_small_data_batch(toy_hashed: Path, tmp_path: Path):
+    # 14,000 train rows, batch 2048 asked, at least 28 steps per epoch wanted: 500 rows per batch.
+    result = train(toy_hashed, tmp_path / "out", small_cfg(**{"model.kind": "lr", "train.epochs": 1,
+                                                             "train.batch_size": 2048,
+                                                             "train.min_steps_per_epoch": 28}))
+    assert result["batch_size"] == 500 and result["steps"] == 28
+
+
+def test_distillation_loss_adds_the_weighted_soft_target_term():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    teacher = torch.tensor([0.5, 0.8, 0.3])
+    plain, label = distillation_loss(logits, labels, None, 1.0)
+    assert torch.equal(plain, label)
+    total, label2 = distillation_loss(logits, labels, teacher, 0.5)
+    soft = -(teacher * torch.log(torch.sigmoid(logits)) + (1 - teacher) * torch.log(1 - torch.sigmoid(logits)))
+    assert torch.equal(label2, label)
+    assert float(total) == pytest.approx(float(label + 0.5 * soft.mean()), rel=1e-6)
+    # Toward the teacher: its own logits have the smallest soft-target loss.
+    t_total, t_label = distillation_loss(torch.logit(teacher), labels, teacher, 1.0)
+    assert float(t_total - t_label) < float(soft.mean())

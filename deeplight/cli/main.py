@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--mode", "prune.mode", choices=["unstructured", "structured"], help="pruning mode")
     setting(sp, "--ramp-epochs", "prune.ramp_epochs", float, "epochs over which sparsity ramps up")
     setting(sp, "--finetune-epochs", "prune.finetune_epochs", int, "epochs at full sparsity after the ramp")
+    setting(sp, "--distill-weight", "prune.distill_weight", float,
+            "weight of the loss toward the dense model's probabilities (0: no distillation)")
     setting(sp, "--seed", "train.seed", int)
     setting(sp, "--batch-size", "train.batch_size", int)
     setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")

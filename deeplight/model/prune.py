@@ -7,8 +7,22 @@
 Starting from a trained dense checkpoint, training continues while the sparsity of each component ramps up
 with the damped schedule of the paper, S_t = S * (1 - 0.99^(t/d)), t = steps since pruning began, then the
 masks stay fixed for fine-tuning. The paper uses d = 100 on 45M-row Criteo (the ramp reaches 99% of S after
-~46k steps); our ramp is given in epochs, so d = ramp_steps / 458.2 makes it reach 99% of S at the end of the
-ramp, where the exact target is imposed. Best-epoch selection (valid AUC) starts only once the target is reached.
+~46k steps); d = ramp_steps / 458.2 makes our ramp reach 99% of S at its end, where the exact target is imposed.
+Best-epoch selection (valid AUC) starts only once the target is reached.
+
+Schedules are counted in optimiser steps (`schedule`): the ramp lasts max(ramp_epochs x steps per epoch,
+prune.min_ramp_steps = 100) steps, the fine-tuning max(finetune_epochs, enough epochs for
+prune.min_finetune_steps = 100) epochs. On large data the epochs decide (1M rows at batch 2048: 391 steps per
+epoch, nothing changes); on an 8,000-row sample (32 steps per epoch at the batch `train.min_steps_per_epoch`
+gives, see `train.train_batch_size`) the ramp takes 100 steps over 4 epochs with 10 mask updates instead of
+4 steps and one update, and fine-tuning 4 epochs. 100 steps at the pruning lr 1e-4 is about a tenth of the
+movement of dense training to its best epoch on such a sample, enough to recover without overfitting it.
+
+Distillation (prune.distill_weight > 0): the loss is the label BCE plus distill_weight x BCE toward the dense
+model's probabilities on the same batch (the teacher runs without dropout), during the ramp and fine-tuning.
+Recalibration (prune.recalibrate): after the best epoch is chosen, a temperature and bias of the final logit
+are fitted on the valid split and folded into the weights (`fold_logit_scale`); the result, the checkpoint
+(`calibration`) and MLflow say so.
 
 Components and modes:
 - `dnn`: unstructured = per-layer magnitude threshold on every hidden layer's weights (not the 1-wide output
@@ -39,7 +53,8 @@ from deeplight.data.loader import SplitLoader, check_both_classes, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.base.tracker import NullTracker, RunLog, Tracker
-from deeplight.model.train import Trainer
+from deeplight.model import metrics
+from deeplight.model.train import EVAL_BATCH, Trainer, evaluate_split, predict_logits, train_batch_size
 
 COMPONENTS = ("dnn", "field", "embedding")
 MODES = ("unstructured", "structured")
@@ -258,6 +273,76 @@ def report(model: DeepFwFM, field_names: list[str], targets: Targets, mode: str)
             "kept_pairs": kept_pairs(model, field_names)}
 
 
+def schedule(steps_per_epoch: int, p: PruneConfig) -> tuple[int, int]:
+    """(ramp steps, epochs in all) of a pruning run with `steps_per_epoch` optimiser steps per epoch."""
+    if p.finetune_epochs < 1 or p.ramp_epochs <= 0:
+        raise DeeplightError("pruning needs ramp_epochs > 0 and finetune_epochs >= 1")
+    steps_per_epoch = max(1, steps_per_epoch)
+    ramp_steps = max(1, p.min_ramp_steps, round(p.ramp_epochs * steps_per_epoch))
+    finetune_epochs = max(p.finetune_epochs, math.ceil(p.min_finetune_steps / steps_per_epoch))
+    return ramp_steps, math.ceil(ramp_steps / steps_per_epoch) + finetune_epochs
+
+
+# -- recalibration ----------------------------------------------------------------------------------------
+
+def fit_logit_scale(logits: Any, labels: Any, scale: bool = True) -> tuple[float, float]:
+    """(a, b) minimising the logloss of sigmoid(a * logit + b) on the given rows (Platt scaling; a = 1/T)."""
+    z = torch.as_tensor(logits, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
+    a = torch.ones((), dtype=torch.float64, requires_grad=scale)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, b] if scale else [b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(a * z + b, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(a.detach()), float(b.detach())
+
+
+def can_scale_logit(model: DeepFwFM) -> bool:
+    """Whether every term of the logit is linear in a parameter (a plain FM's r is fixed at 1: it is not)."""
+    return model.interaction is None or model.interaction.learnable
+
+
+@torch.no_grad()
+def fold_logit_scale(model: DeepFwFM, a: float, b: float) -> None:
+    """Make the model's logit a * logit + b by scaling the last linear parameter of each term (zeros stay zero)."""
+    if a != 1.0 and not can_scale_logit(model):
+        raise DeeplightError(f"a {model.spec['kind']} model's logit cannot be scaled (fixed interaction)")
+    tensors = [model.bias, model.linear.w.weight]
+    if model.linear.v is not None:
+        tensors.append(model.linear.v if isinstance(model.linear.v, torch.nn.Parameter) else model.linear.v.weight)
+    if model.interaction is not None and model.interaction.learnable:
+        tensors.append(model.interaction.r)
+    if model.dnn is not None:
+        tensors += [model.dnn.layers[-1].weight, model.dnn.layers[-1].bias]
+    for t in tensors:
+        t.mul_(a)
+    model.bias.add_(b)
+
+
+def recalibrate(model: DeepFwFM, data_dir: str | Path, best_path: Path) -> dict[str, Any]:
+    """Fit and fold a temperature and bias on the valid split into `model` and its checkpoint `best_path`;
+    the record of what was done (`calibration` in the checkpoint). Done once: a refitted checkpoint is kept."""
+    ck = checkpoint.load(best_path)
+    if ck.get("calibration"):
+        return ck["calibration"]
+    labels, logits = predict_logits(model, SplitLoader(data_dir, "valid", batch_size=EVAL_BATCH))
+    a, b = fit_logit_scale(logits, labels, scale=can_scale_logit(model))
+    before = metrics.logloss(labels, torch.sigmoid(torch.from_numpy(logits)).numpy())
+    fold_logit_scale(model, a, b)
+    after = metrics.logloss(labels, torch.sigmoid(torch.from_numpy(a * logits + b)).numpy())
+    record = {"applied": True, "fitted_on": "valid", "logit_scale": a, "logit_shift": b, "temperature": 1 / a,
+              "valid_logloss_before": before, "valid_logloss_after": after}
+    ck.update(model=model.state_dict(), calibration=record, valid=evaluate_split(model, data_dir, "valid"))
+    checkpoint.save(ck, best_path)
+    return record
+
+
 def config_of(dense_checkpoint: str | Path) -> Config:
     """The config a checkpoint was trained with: pruning continues with the same model and optimiser settings."""
     return Config.from_dict(json.loads(checkpoint.load_checkpoint(dense_checkpoint)["config"]))
@@ -268,8 +353,7 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
     """Prune a trained dense model to cfg.prune's targets; resumes an unfinished run in out_dir."""
     tracker = tracker or NullTracker()
     targets = Targets.from_config(cfg.prune)
-    if cfg.prune.finetune_epochs < 1 or cfg.prune.ramp_epochs <= 0:
-        raise DeeplightError("pruning needs ramp_epochs > 0 and finetune_epochs >= 1")
+    schedule(1, cfg.prune)  # checks the schedule's settings before any work
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dense = checkpoint.load_checkpoint(dense_checkpoint)
@@ -279,17 +363,34 @@ def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Pat
         raise DeeplightError(f"{dense_checkpoint} was trained with another feature map than {data_dir}")
     torch.manual_seed(cfg.train.seed)  # before the model is built: its init draws from the RNG, as in training
     model = checkpoint.load_model(dense_checkpoint, dense)[0].train()
-    steps_per_epoch = SplitLoader(data_dir, "train", batch_size=cfg.train.batch_size).num_batches()
-    ramp_steps = max(1, round(cfg.prune.ramp_epochs * steps_per_epoch))
-    epochs = math.ceil(cfg.prune.ramp_epochs) + cfg.prune.finetune_epochs
+    teacher = None
+    if cfg.prune.distill_weight:
+        with torch.random.fork_rng():  # the student's training draws the same random numbers with or without it
+            teacher = checkpoint.load_model(dense_checkpoint, dense)[0].eval().requires_grad_(False)
+    train_rows = SplitLoader(data_dir, "train").rows
+    steps_per_epoch = math.ceil(train_rows / train_batch_size(train_rows, cfg.train))
+    ramp_steps, epochs = schedule(steps_per_epoch, cfg.prune)
     pruner = Pruner(model, targets, cfg.prune.mode, ramp_steps, cfg.prune.mask_every)
-    trainer = Trainer(model, data_dir, out_dir, cfg, epochs=epochs, hooks=pruner, lr=cfg.prune.lr)
+    trainer = Trainer(model, data_dir, out_dir, cfg, epochs=epochs, hooks=pruner, lr=cfg.prune.lr,
+                      teacher=teacher, distill_weight=cfg.prune.distill_weight)
     pruner.attach(trainer.optimizer)
     trainer.try_resume()
 
     def add_pruning_report(result: dict[str, Any], log: RunLog) -> None:
         result["pruning"] = report(model, manifest["field_names"], targets, cfg.prune.mode)
+        result["pruning"].update(ramp_steps=ramp_steps, epochs=epochs, distill_weight=cfg.prune.distill_weight)
         result["dense_valid"] = dense.get("valid", {})
+        result["recalibrated"] = {"applied": False}
+        if cfg.prune.recalibrate:
+            record = recalibrate(model, data_dir, trainer.best_path)
+            result["recalibrated"] = record
+            result["valid"] = checkpoint.load(trainer.best_path)["valid"]
+            if result["test"]:
+                result["test"] = evaluate_split(model, data_dir, "test")
+            log.log_metrics({"recalibrated_valid_logloss": record["valid_logloss_after"],
+                             "recalibrated_temperature": record["temperature"],
+                             **{f"test_{k}": v for k, v in result["test"].items() if isinstance(v, (int, float))}})
+        log.set_tags({"recalibrated": str(bool(result["recalibrated"]["applied"])).lower()})
         log.log_metrics({f"final_sparsity_{k}": v for k, v in result["pruning"]["sparsity"].items()})
 
     return trainer.run_tracked(
