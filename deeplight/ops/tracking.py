@@ -12,6 +12,7 @@ default, what `make ui` shows). `MLFLOW_TRACKING_URI` overrides it (a remote `ml
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import time
@@ -54,8 +55,29 @@ def _safe_items(d: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, "***" if _SECRET_KEY.search(k) else redact(v)) for k, v in d.items()]
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, an exclusive flock on `<db>.lock` beside the database file. MLflow creates (migrates)
+    a new database's schema when a client first opens it, and two processes doing so at once fail (`table
+    _alembic_tmp_runs already exists`): under this lock the first creates it and the others find it made."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not str(db) or str(db) == ":memory:":
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when closed
+        yield
+
+
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    """A client of the tracking store; the store (its schema, for a new sqlite file) is created under a lock."""
+    uri = tracking_uri()
+    with _store_lock(uri):
+        return MlflowClient(tracking_uri=uri)  # opens the store: MLflow creates a new database's schema here
 
 
 def experiment_id(c: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
