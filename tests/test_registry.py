@@ -564,3 +564,5 @@ def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, l
     finally:
         stop(proc)
 
+        served_log = log.read_text(errors="replace")
+        assert "POST /v" not in served_log and "kserve.trace" not in served_log, served_log[-2000:]  # no access log

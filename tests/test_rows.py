@@ -87,11 +87,26 @@ def reference(fmap: FeatureMap, rows: Any) -> np.ndarray | tuple[int, str | None
         return where(str(e))
 
 
-def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
+def _routed(conv: RowsToIds, rows: Any, dtype: Any, text_route: bool) -> np.ndarray | tuple[int, str | None]:
+    conv.fast_text = text_route
     try:
-        return conv.transform(rows, dtype)
+        return conv.transform(copy.deepcopy(rows) if isinstance(rows, (list, dict)) else rows, dtype)
     except DeeplightError as e:
         return where(str(e))
+    finally:
+        conv.fast_text = True
+
+
+def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
+    """RowsToIds' answer; the joined-text route (taken when every value is a str) and the general route must
+    give the same ids, or name the same row and field."""
+    got = _routed(conv, rows, dtype, True)
+    general = _routed(conv, rows, dtype, False)
+    if isinstance(got, np.ndarray) and isinstance(general, np.ndarray):
+        assert got.dtype == general.dtype and np.array_equal(got, general), "text route ids != general route ids"
+    else:
+        assert got == general, f"text route says {got}, general route {general}"
+    return got
 
 
 def same(conv: RowsToIds, rows: Any, what: str, error: tuple[int, str] | None = None) -> None:
@@ -611,3 +626,29 @@ def test_scorer_pins_blas_threads(scorer_dir):
         assert info["blas"], "no BLAS library loaded after construction"
         assert all(n == threads for _, n in info["blas"]), (threads, info["blas"])
         assert info["pinned"] == dict(info["blas"])
+
+
+def test_text_route_is_taken_for_text_and_falls_back_exactly(case):
+    """All-str rows in the three forms take the joined-text route (one join + one compiled split); a value
+    holding the join's separator byte, a non-str value or text that cannot be encoded fall back to the
+    general route, with the same ids or the same named row and field."""
+    conv, recs = case
+    schema = conv.schema
+    text = [{k: v for k, v in r.items() if isinstance(v, str)} for r in recs]
+    text = [r for r in text if all(k in r for k in required_of(schema))]
+    assert text, "the base rows have text values"
+    for what, rows in (("records", text), ("dataframe", pd.DataFrame(text, dtype=object)),
+                       ("dict", {k: [r[k] for r in text] for k in text[0]}), ("one record", text[0])):
+        route = conv._text_route(rows)
+        assert route is not None, f"{what}: not routed as text"
+        assert conv._transform_text(*route, np.int32) is not None, f"{what}: the text route gave up"
+        same(conv, rows, what)
+    cat = by_kind(schema)["cat"][0]
+    sep = [dict(r) for r in text]
+    sep[1][cat] = "a\x1fb"  # the separator inside a value: the split finds one value too many
+    route = conv._text_route(sep)
+    assert route is not None and conv._transform_text(*route, np.int32) is None
+    same(conv, sep, "separator inside a value")
+    lone = [dict(r) for r in text]
+    lone[2][cat] = "\ud800"  # a lone surrogate cannot be encoded: named by the general route
+    assert fast(conv, lone) == (2, cat)

@@ -139,6 +139,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # a pod in a cluster binds 0.0.0.0 explicitly
     port: int = 8080
     threads: int = 1  # BLAS threads of the engine; 1 avoids the slowdown of BLAS threads under CPU contention
+    access_log: bool = False  # a log line per request (costs more than scoring one row; a cluster's ingress logs)
 
 
 # Sections a training or pruning run depends on (what its checkpoint and MLflow params record).

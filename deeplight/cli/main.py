@@ -203,7 +203,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     model = a.model or f"models:/{config_from(a).registry.model_name}@champion"
     print(f"deeplight serve: {model} on http://{s.host}:{s.port} (v2: /v2/models/{a.name}/infer, "
           f"v1: /v1/models/{a.name}:predict)", flush=True)
-    serve(model, name=a.name, host=s.host, port=s.port, threads=s.threads)
+    serve(model, name=a.name, host=s.host, port=s.port, threads=s.threads, access_log=s.access_log)
 
 def _tracker(a: argparse.Namespace):
     if a.no_mlflow:
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+    sp.add_argument("--access-log", dest="serve.access_log", action="store_const", const=True,
+                    default=argparse.SUPPRESS, help="log every request (default: off; Config serve.access_log)")
         return args.handler(args) or 0
     except DeeplightError as e:
         print(f"deeplight: error: {e}", file=sys.stderr)

@@ -82,6 +82,12 @@ def _columns_v2(request: Any) -> dict[str, np.ndarray]:
         if n is not None and shape[0] != n:
             raise DeeplightError(f"field {inp.name!r}: {shape[0]} rows, but the other inputs have {n}")
         n = shape[0]
+        data = inp.data
+        if inp.datatype == "BYTES" and inp._raw_data is None and type(data) is list and len(data) == n:
+            # JSON text, already str: handed over as is (the scorer joins it into one buffer; a Python loop
+            # over the values here cost more than scoring them)
+            cols[inp.name] = data
+            continue
         try:
             values = inp.as_numpy().reshape(-1)
         except Exception as e:  # noqa: BLE001 - data that does not match its shape or datatype
@@ -168,9 +174,15 @@ def _loopback_rest_server(host: str) -> None:
 
 
 def serve(model_uri: str, name: str = "deeplight", host: str = "127.0.0.1", port: int = 8080,
-          threads: int | None = None) -> None:
-    """Load the model, then serve it until stopped (SIGTERM/SIGINT). Blocks; call it from the main thread."""
-    argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv when imported: keep ours away from it
+          threads: int | None = None, access_log: bool = False) -> None:
+    """Load the model, then serve it until stopped (SIGTERM/SIGINT). Blocks; call it from the main thread.
+
+    `access_log`: a log line per request (uvicorn's access log and KServe's request timings). Off by default:
+    at thousands of requests a second they cost more than scoring one row and fill the pod's log (on a cluster
+    the ingress / Knative queue-proxy logs requests already)."""
+    # kserve reads KSERVE_LOGLEVEL and parses sys.argv when imported: set the one, keep ours away from the other
+    os.environ.setdefault("KSERVE_LOGLEVEL", "WARNING")
+    argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         import kserve
     finally:
@@ -178,6 +190,8 @@ def serve(model_uri: str, name: str = "deeplight", host: str = "127.0.0.1", port
     predictor = make_predictor(name, model_uri, threads)
     predictor.load()  # fail before binding the port: a bad model URI is an error, not an unready server
     _loopback_rest_server(host)
-    os.environ.setdefault("KSERVE_LOGLEVEL", "WARNING")
-    kserve.ModelServer(http_port=port, workers=1, enable_grpc=False,
-                       enable_latency_logging=False).start([predictor])
+    server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable_latency_logging=False)
+    per_request = logging.INFO if access_log else logging.WARNING
+    for logger_name in ("uvicorn.access", "kserve.trace"):  # after ModelServer(), which configures logging
+        logging.getLogger(logger_name).setLevel(per_request)
+    server.start([predictor])

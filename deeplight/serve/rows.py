@@ -13,7 +13,15 @@ ids, and identical error rows and fields, on every kind of good, bad and missing
 
 Design
 ------
-1. Normalise the input to per-column *sources*, at most one pyarrow conversion per column (no Python loop over
+0. The text route, tried first: when every value is a str (JSON requests, frames of object columns) and the column
+   names are a valid set (checked once per set of names, then cached), all values go into ONE Python list (a frame's
+   row-major values, the records' values via one itemgetter, a dict's columns end to end), are joined with the byte
+   0x1F in one C call and encoded once; a compiled pass splits them into Arrow-style offsets + bytes, and the kernel
+   of step 2 runs on those. About 10 ns a value instead of ~80 ns for building an Arrow array from Python strings,
+   and no per-call pandas/Arrow bookkeeping (one raw row: ~20 us instead of ~250 us). Any other value (a number,
+   None, NaN, bytes), text that cannot be encoded, or a value holding 0x1F sends the rows down the general route
+   below, which gives the same ids and errors (tests/test_rows.py runs every case through both).
+1. The general route: normalise the input to per-column *sources*, at most one pyarrow conversion per column (no Python loop over
    rows x fields):
      string source  : an Arrow string array (offsets + bytes + validity), e.g. object/str columns;
      int source     : int64 values + validity, e.g. int columns, or float columns whose values are integral
@@ -335,6 +343,28 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
     err[0] = -1
 
 
+@numba.njit(cache=True, nogil=True)
+def _split_joined(joined, count, off, data):
+    """Values joined by the byte 0x1F -> Arrow-style offsets + bytes (separators removed); False when the text
+    does not hold exactly `count` values (a value contained the separator: the caller falls back)."""
+    j = 0
+    p = 0
+    off[0] = 0
+    for b in joined:
+        if b == 31:
+            j += 1
+            if j >= count:
+                return False
+            off[j] = p
+        else:
+            data[p] = b
+            p += 1
+    if j != count - 1:
+        return False
+    off[count] = p
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------------
 # input normalisation
 
@@ -496,6 +526,10 @@ class RowsToIds:
         self._known = frozenset(self.names)
         self._getter = itemgetter(*self.names)
         self._getter_req = itemgetter(*self.required)
+        self.fast_text = True  # the joined-text route (`_text_route`); tests turn it off to compare the routes
+        self._plans: dict[tuple, _Plan | None] = {}
+        self._zeros = np.zeros(len(self.names), np.int64)
+        self._ones = np.ones(len(self.names), np.int64)
         self.transform([{n: None for n in self.required} | {c.name: "14102100" for c in schema.columns
                                                             if c.kind == "time"}])  # compile / load the cache
 
@@ -616,9 +650,105 @@ class RowsToIds:
             if k not in names:
                 raise BadRows(f"row 0, field {k!r}: missing (no such column)")
 
+    # -- the joined-text route: rows whose values are all str, by far the common case ---------------------------
+
+    def _plan(self, names: tuple) -> "_Plan | None":
+        """The column layout of inputs with these column names (cached), or None when the names are not a valid
+        set (unknown, duplicate, a required one absent): the general route then reports the error."""
+        try:
+            return self._plans[names]
+        except KeyError:
+            pass
+        plan = None
+        if all(type(k) is str for k in names) and len(set(names)) == len(names) and set(names) <= self._known \
+                and all(k in names for k in self.required):
+            plan = _Plan(names, self.index, len(self.names))
+        if len(self._plans) < 256:
+            self._plans[names] = plan
+        return plan
+
+    def _text_route(self, rows: Any) -> tuple[int, "_Plan", str, list] | None:
+        """(n, plan, "row" | "col", every value in one list) when `rows` is a frame of object columns, a list of
+        records or a dict of list columns, with valid column names; else None (the general route decides)."""
+        import pandas as pd
+
+        if type(rows) is list:
+            if not rows or type(rows[0]) is not dict:
+                return None
+            plan = self._plan(tuple(rows[0]))
+            if plan is None:
+                return None
+            try:  # a record without one of the first record's keys raises KeyError
+                values = list(chain.from_iterable(map(plan.getter, rows))) if plan.k > 1 else \
+                    list(map(plan.getter, rows))
+            except (KeyError, TypeError):
+                return None
+            if sum(map(len, rows)) != len(rows) * plan.k:  # a record with an extra key
+                return None
+            return len(rows), plan, "row", values
+        if type(rows) is dict:
+            if not rows:
+                return None
+            if all(type(v) is list for v in rows.values()):
+                n = len(next(iter(rows.values())))
+                plan = self._plan(tuple(rows))
+                if plan is None or n == 0 or any(len(v) != n for v in rows.values()):
+                    return None
+                return n, plan, "col", list(chain.from_iterable(rows.values()))
+            if any(isinstance(v, (list, tuple, np.ndarray, pd.Series, pa.Array, pa.ChunkedArray))
+                   for v in rows.values()):
+                return None
+            return self._text_route([rows])  # one record
+        if isinstance(rows, pd.DataFrame):
+            n = len(rows)
+            try:
+                text = all(b.dtype == object for b in rows._mgr.blocks)
+            except AttributeError:
+                return None
+            plan = self._plan(tuple(rows.columns)) if n and text else None
+            if plan is None:
+                return None
+            return n, plan, "row", rows.to_numpy(dtype=object).ravel().tolist()
+        return None
+
+    def _transform_text(self, n: int, plan: "_Plan", order: str, values: list, dtype: Any) -> np.ndarray | None:
+        """ids of all-str values joined into one UTF-8 buffer (one C join + one compiled split, ~10 ns a value
+        against ~80 ns for building an Arrow array from Python strings); None when a value is not a str, cannot
+        be encoded, or contains the separator: the general route then handles the rows."""
+        count = n * plan.k
+        try:
+            joined = "\x1f".join(values).encode()
+        except (TypeError, UnicodeEncodeError):
+            return None
+        off = np.empty(count + 1, np.int64)
+        data = np.empty(max(1, len(joined)), np.uint8)
+        if not _split_joined(np.frombuffer(joined, np.uint8), count, off, data):
+            return None
+        if order == "row":
+            base, stride = plan.pos, plan.stride_row
+        else:
+            base, stride = plan.pos * n, self._ones
+        out = np.empty((n, len(self.fld_col)), np.int64 if dtype == np.int64 else np.int32)
+        err = np.empty(3, np.int64)
+        fx = self._fixed
+        _rows_kernel(n, off, data, np.ones(count, np.bool_), base, stride, _EMPTY_I, _EMPTY_B, self._zeros,
+                     self._ones, fx[0], plan.col_src, *fx[2:], out, err)
+        if err[0] >= 0:
+            row, c = int(err[0]), int(err[1])
+            j = int(base[c] + row * stride[c])
+            value = bytes(data[off[j]:off[j + 1]]).decode()
+            raise self._error(row, c, int(err[2]), {self.names[c]: ("v", value)})
+        return out
+
     # -- the transform ------------------------------------------------------------------------------------------
 
     def transform(self, rows: Any, dtype: Any = np.int32) -> np.ndarray:
+        if self.fast_text:
+            route = self._text_route(rows)
+            if route is not None:
+                out = self._transform_text(*route, dtype)
+                if out is not None:
+                    return out
         n, srcs = self.sources(rows)
         F = len(self.fld_col)
         out = np.empty((n, F), np.int64 if dtype == np.int64 else np.int32)
@@ -687,6 +817,8 @@ class RowsToIds:
         src = sources.get(name)
         if src is None:
             value = None
+        elif src[0] == "v":
+            value = src[1]
         elif src[0] == "s":
             value = src[1][int(src[2] + row * src[3])].as_py()
         else:
@@ -698,6 +830,21 @@ class RowsToIds:
             E_TIME: f"bad time value in field {name!r}: {_show(value)} (want YYMMDDHH, a real date and hour)",
         }[code]
         return BadRows(f"row {row}, field {name!r}: {reason}")
+
+
+class _Plan:
+    """Where each schema column sits in an input with these column names (`RowsToIds._plan`)."""
+
+    __slots__ = ("names", "k", "getter", "col_src", "pos", "stride_row")
+
+    def __init__(self, names: tuple, index: dict[str, int], n_columns: int):
+        self.names, self.k = names, len(names)
+        self.getter = itemgetter(*names)
+        self.col_src = np.zeros(n_columns, np.int8)  # 1: a string source; 0: absent
+        self.pos = np.zeros(n_columns, np.int64)  # the column's position among the input's columns
+        for j, name in enumerate(names):
+            self.col_src[index[name]], self.pos[index[name]] = 1, j
+        self.stride_row = np.full(n_columns, self.k, np.int64)
 
 
 def _frame_columns(df: Any) -> dict[str, Any]:
