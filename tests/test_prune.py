@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from deeplight.base.config import Config
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.model.prune import (Pruner, Targets, damped_sparsity, fit_logit_scale, fold_logit_scale, prune, schedule,
-                                   sparsity)
+                                   sparsity, within_tolerance)
 from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
@@ -174,3 +175,51 @@ def test_distillation_and_recalibration_are_recorded(dense, tmp_path: Path):
     # Without the flag nothing is re-fitted, and the result says so.
     plain = prune(dense_ckpt, data, tmp_path / "plain", cfg.replace(**{"prune.recalibrate": False}))
     assert plain["recalibrated"] == {"applied": False}
+
+
+def test_operating_point_bisection_finds_the_fastest_setting_within_tolerance(monkeypatch, tmp_path: Path):
+    from deeplight.model import prune as prune_module
+
+    # Fake pruning runs: valid AUC falls with sparsity; settings 0-1 lose too much, 2-4 are within 0.001.
+    valid_auc = {0.95: 0.70, 0.9: 0.745, 0.8: 0.7495, 0.6: 0.7499, 0.4: 0.75}
+    calls = []
+
+    def fake(dense_checkpoint, data_dir, out_dir, cfg, tracker=None, run_name="prune"):
+        calls.append(cfg.prune.dnn)
+        assert cfg.prune.mode == "structured" and cfg.prune.max_auc_loss is None
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "best.pt").write_text(str(cfg.prune.dnn))
+        return {"valid": {"auc": valid_auc[cfg.prune.dnn], "logloss": 0.45},
+                "pruning": {"targets": {"dnn": cfg.prune.dnn}}}
+
+    monkeypatch.setattr(prune_module, "prune_to_targets", fake)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {"valid": {"auc": 0.75, "logloss": 0.45}})
+    cfg = Config().replace(**{"prune.max_auc_loss": 0.001})
+    result = prune(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "auto", cfg)
+    assert result["operating_point"]["chosen"] == "structured-0.8-0.8-0.4"
+    assert result["operating_point"]["within_tolerance"] is True
+    assert len(calls) <= 3 and 0.8 in calls
+    assert (tmp_path / "auto" / "best.pt").read_text() == "0.8"
+    # Nothing within tolerance: the mildest setting is kept and flagged.
+    valid_auc.update({0.4: 0.70, 0.6: 0.70, 0.8: 0.70})
+    result = prune(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "none", cfg)
+    assert result["operating_point"]["chosen"] == "structured-0.4-0.4-0.2"
+    assert result["operating_point"]["within_tolerance"] is False
+    # Logloss counts too: an AUC within tolerance with worse probabilities is not accepted.
+    assert not within_tolerance({"auc": 0.75, "logloss": 0.453}, {"auc": 0.75, "logloss": 0.45}, cfg.prune)
+
+
+def test_operating_point_on_a_real_model(dense, tmp_path: Path, monkeypatch):
+    from deeplight.model import prune as prune_module
+
+    monkeypatch.setattr(prune_module, "OPERATING_POINTS", ((0.9, 0.9, 0.5), (0.5, 0.5, 0.2)))
+    data, dense_ckpt = dense
+    cfg = Config().replace(**BASE, **{"prune.max_auc_loss": 1.0, "prune.max_logloss_gain": 1.0,
+                                      "prune.finetune_epochs": 1})
+    result = prune(dense_ckpt, data, tmp_path / "auto", cfg)
+    assert result["operating_point"]["chosen"] == "structured-0.9-0.9-0.5"
+    ck = checkpoint.load(tmp_path / "auto" / "best.pt")
+    assert json.loads(ck["config"])["prune"]["mode"] == "structured"
+    assert json.loads((tmp_path / "auto" / "results.json").read_text())["operating_point"]["tried"]
+    assert sparsity(checkpoint.load_model(tmp_path / "auto" / "best.pt")[0], "structured")["dnn"] == \
+        pytest.approx(0.9, abs=0.02)

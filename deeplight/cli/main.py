@@ -179,7 +179,8 @@ def cmd_register(a: argparse.Namespace) -> None:
         tags[key] = value
     metrics = read_json(a.metrics) if a.metrics else None
     name = config_from(a).registry.model_name
-    result = register_model(a.model, a.data, name, metrics=metrics, parent_run_id=a.parent_run_id, tags=tags)
+    result = register_model(a.model, a.data, name, metrics=metrics, parent_run_id=a.parent_run_id, tags=tags,
+                            metrics_file=a.metrics)
     _print_json(result)
 
 
@@ -283,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--finetune-epochs", "prune.finetune_epochs", int, "epochs at full sparsity after the ramp")
     setting(sp, "--distill-weight", "prune.distill_weight", float,
             "weight of the loss toward the dense model's probabilities (0: no distillation)")
+    setting(sp, "--max-auc-loss", "prune.max_auc_loss", float,
+            "choose the fastest structured setting whose valid AUC is at most this below dense (the targets and "
+            "mode above are then searched, not taken)")
+    setting(sp, "--max-logloss-gain", "prune.max_logloss_gain", float,
+            "with --max-auc-loss: largest valid logloss increase over dense")
     setting(sp, "--seed", "train.seed", int)
     setting(sp, "--batch-size", "train.batch_size", int)
     setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")
@@ -347,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="checkpoint (best.pt) or a train/prune output directory")
     sp.add_argument("--data", required=True, help="the hashed dataset it was trained on (feature map, test split)")
     setting(sp, "--name", "registry.model_name", help="registered model name")
-    sp.add_argument("--metrics", help="metrics JSON from `deeplight evaluate` on the test split (else evaluated now)")
+    sp.add_argument("--metrics", help="metrics JSON from `deeplight evaluate` of this model on the test split, "
+                                      "checked by the checkpoint's sha256 (else evaluated now)")
     sp.add_argument("--parent-run-id", help="MLflow run of the pipeline this registration belongs to")
     sp.add_argument("--tag", action="append", metavar="KEY=VALUE", help="extra version tag (repeatable)")
     add_set(sp)
@@ -368,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--host", "serve.host", help="address to bind (0.0.0.0 in a cluster pod)")
     setting(sp, "--port", "serve.port", int)
     setting(sp, "--threads", "serve.threads", int, "BLAS threads of the engine")
+    sp.add_argument("--access-log", dest="serve.access_log", action="store_const", const=True,
+                    default=argparse.SUPPRESS, help="log every request (default: off; Config serve.access_log)")
     add_set(sp)
     return p
 
@@ -375,8 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-    sp.add_argument("--access-log", dest="serve.access_log", action="store_const", const=True,
-                    default=argparse.SUPPRESS, help="log every request (default: off; Config serve.access_log)")
         return args.handler(args) or 0
     except DeeplightError as e:
         print(f"deeplight: error: {e}", file=sys.stderr)
