@@ -332,6 +332,47 @@ def test_other_feature_map_is_refused_and_cli(trained: dict, local_store: Mlflow
     assert main(["promote", "--name", "mixed"]) == 3  # the same decision again: still rejected
 
 
+def _runs(c: MlflowClient) -> list:
+    exp = c.get_experiment_by_name("deeplight")
+    return c.search_runs([exp.experiment_id]) if exp is not None else []
+
+
+def test_register_metrics_must_be_of_the_checkpoint_registered(trained: dict, local_store: MlflowClient,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture):
+    """`register --metrics` (issue 18, item 4): the evaluation must be of the very checkpoint registered, by
+    its sha256; another model's JSON, or one that cannot tell, is one clear error and no MLflow run; the same
+    file under another spelling of its path registers normally."""
+    c = local_store
+    dense_json, old_json = tmp_path / "dense.json", tmp_path / "old.json"
+    dense_json.write_text(json.dumps(trained["dense_metrics"]))
+    old_json.write_text(json.dumps({k: v for k, v in trained["pruned_metrics"].items() if k != "checkpoint_sha256"}))
+    runs_before = len(_runs(c))
+    pruned = trained["pruned"] / "best.pt"
+    assert main(["register", "--model", str(pruned), "--data", str(trained["a"]), "--name", "paths",
+                 "--metrics", str(dense_json)]) == 2
+    err = capsys.readouterr().err
+    assert f"{dense_json} is the evaluation of another checkpoint ({trained['dense'] / 'best.pt'}" in err
+    assert f"than {pruned} (sha256" in err and "Traceback" not in err
+    assert main(["register", "--model", str(pruned), "--data", str(trained["a"]), "--name", "paths",
+                 "--metrics", str(old_json)]) == 2
+    assert f"{old_json}: no checkpoint_sha256 field" in capsys.readouterr().err
+    assert len(_runs(c)) == runs_before and not c.search_registered_models("name='paths'")
+
+    # The evaluated file under other spellings of its path: relative through `..`, and a symlink.
+    pruned_json = tmp_path / "pruned.json"
+    pruned_json.write_text(json.dumps(trained["pruned_metrics"]))
+    (tmp_path / "alias.pt").symlink_to(pruned)
+    monkeypatch.chdir(trained["root"])
+    for spelling in ("./pruned/../pruned/best.pt", str(tmp_path / "alias.pt")):
+        assert main(["register", "--model", spelling, "--data", str(trained["a"]), "--name", "paths",
+                     "--metrics", str(pruned_json)]) == 0, capsys.readouterr().err
+        run = c.get_run(json.loads(capsys.readouterr().out)["run_id"])
+        assert run.info.status == "FINISHED" and run.data.params["checkpoint"] == str(Path(spelling))
+    assert len(c.search_model_versions("name='paths'")) == 2
+    assert not [r for r in _runs(c) if r.info.status == "FAILED"]
+
+
 # --- real servers ---------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -561,8 +602,8 @@ def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, l
                 (v2, {"inputs": tensors[:-1]}, "field 'C26': missing")):
             status, body = _post(url, body_)
             assert status == 400 and message in body["error"], (status, body)
+        served_log = log.read_text(errors="replace")
+        assert "POST /v" not in served_log and "kserve.trace" not in served_log, served_log[-2000:]  # no access log
     finally:
         stop(proc)
 
-        served_log = log.read_text(errors="replace")
-        assert "POST /v" not in served_log and "kserve.trace" not in served_log, served_log[-2000:]  # no access log

@@ -286,13 +286,24 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _hash_bytes(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+
+
 def fingerprint_files(paths: list[str | os.PathLike]) -> str:
     """sha256 over the files' names (relative order) and bytes: the identity of a dataset split."""
     h = hashlib.sha256()
     for p in sorted(map(Path, paths)):
         h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        _hash_bytes(h, p)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes: the identity of a checkpoint, whatever path names it."""
+    h = hashlib.sha256()
+    _hash_bytes(h, Path(path))
     return h.hexdigest()
 

@@ -84,7 +84,7 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     from deeplight.model import metrics as mx
     from deeplight.serve.engine import CompactModel
     from deeplight.data.loader import read_manifest
-    from deeplight.base.files import write_json
+    from deeplight.base.files import file_sha256, write_json
     from deeplight.model.prune import kept_pairs, nonzero_counts, sparsity
     from deeplight.base.provenance import code_version
 
@@ -112,6 +112,7 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     fps = manifest.get("fingerprints", {})
     result: dict[str, Any] = {
         "checkpoint": str(ckpt), "data_dir": str(data_dir), "split": split,
+        "checkpoint_sha256": file_sha256(ckpt),  # which model these numbers are of (`register --metrics` checks)
         "dataset": manifest.get("dataset", ck.get("dataset", "")), "model_kind": ck["spec"]["kind"],
         "pruned": pruned, "prune_targets": {k: cfg["prune"][k] for k in ("dnn", "field", "embedding")}
         if pruned and "prune" in cfg else None, "prune_mode": mode if pruned else None,

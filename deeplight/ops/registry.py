@@ -109,11 +109,31 @@ def _pip_requirements() -> list[str]:
     return [f"{p}=={metadata.version(p)}" for p in SERVING_PACKAGES]
 
 
+def check_metrics_of(metrics: dict, ckpt: Path, source: str | None = None) -> None:
+    """Refuse an evaluation of another checkpoint: the version's tags are the promotion gate's inputs, so they
+    must be this model's numbers. Identity is the sha256 of the checkpoint file that `evaluate` recorded, so any
+    path to the same file (relative, `..`, a symlink, a copy) passes. An evaluation JSON without it (written
+    before deeplight recorded it) is refused too: it cannot say which model it measured."""
+    from deeplight.base.files import file_sha256
+
+    where = source or "the metrics given"
+    got, want = metrics.get("checkpoint_sha256"), file_sha256(ckpt)
+    if not got:
+        raise DeeplightError(f"{where}: no checkpoint_sha256 field, so it cannot show it is the evaluation of "
+                             f"{ckpt} (it was written by an older `deeplight evaluate`); evaluate the model again")
+    if got != want:
+        raise DeeplightError(f"{where} is the evaluation of another checkpoint ({metrics.get('checkpoint', '?')}, "
+                             f"sha256 {got[:12]}...) than {ckpt} (sha256 {want[:12]}...); register a model with "
+                             "its own `deeplight evaluate` JSON")
+
+
 def register_model(checkpoint: str, data_dir: str, name: str, metrics: dict | None = None,
-                   parent_run_id: str | None = None, tags: dict | None = None, dense: str | None = None) -> dict:
+                   parent_run_id: str | None = None, tags: dict | None = None, dense: str | None = None,
+                   metrics_file: str | None = None) -> dict:
     """Log the checkpoint as a raw-rows pyfunc in a `register` run, register it under `name` as a new
     version with alias `challenger` and version tags. `metrics`: its evaluation on the test split
-    (`evaluate_model`); evaluated here when None. The registered model's served latency is measured (and, with
+    (`evaluate_model`; checked to be of this very checkpoint, `check_metrics_of`; `metrics_file` names it in
+    errors); evaluated here when None. The registered model's served latency is measured (and, with
     `dense`, the dense checkpoint's served the same way, side by side: `served_dense_*` tags).
     Returns {"name", "version", "run_id", "model_uri", ...}."""
     from deeplight.model import checkpoint as ckpt_io
@@ -139,6 +159,9 @@ def register_model(checkpoint: str, data_dir: str, name: str, metrics: dict | No
                              "the hashed dataset it was trained on")
     if metrics is not None and metrics.get("feature_map_fingerprint", fp) != fp:
         raise DeeplightError("register: the metrics given are of a model with another feature map")
+    if metrics is not None:  # before any MLflow run exists: a refusal leaves nothing behind
+        check_metrics_of(metrics, ckpt, metrics_file)
+        metrics = {**metrics, "checkpoint": str(ckpt)}  # the same file: one `checkpoint` param on the run
 
     mlflow.set_tracking_uri(tracking_uri())
     tracker = MlflowTracker(parent_run_id=parent_run_id)
