@@ -509,6 +509,54 @@ def test_champion_from_a_real_server_scores_raw_rows(backend: str, request: pyte
         assert len(list((servers["root"] / "artifacts").rglob("compact.npz"))) == 2
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+def test_no_credential_in_the_tracking_uri_is_ever_printed(trained: dict, servers: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture):
+    """MLFLOW_TRACKING_URI=http://user:password@host (issue 18, item 2): train, evaluate, register, promote, an
+    error, and `pipeline run-local` (a failing one: its error line, its steps' output, the summary's store line)
+    work against a real `mlflow server` and print no password, MLflow's own "View run ... at: URL" lines
+    included (at the file descriptors: the steps are other processes)."""
+    pytest.importorskip("kfp")
+    password = "pw-n0t-to-be-pr1nted"
+    server = servers["local"]["MLFLOW_TRACKING_URI"]
+    with_credentials = server.replace("http://", f"http://alice:{password}@")
+
+    def point_at_server() -> None:  # deeplight moves the credentials into these: restored after the test
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", with_credentials)
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+            monkeypatch.setenv(var, "x")
+            monkeypatch.delenv(var)
+
+    point_at_server()
+    model, data, metrics = tmp_path / "model", str(trained["a"]), tmp_path / "test.json"
+    assert main(["train", "--data", data, "--out", str(model), "--epochs", "1", "--set", "model.dnn=[16]",
+                 "--threads", "1"]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", data, "--out", str(metrics),
+                 "--latency-rounds", "1"]) == 0
+    assert main(["register", "--model", str(model), "--data", data, "--metrics", str(metrics),
+                 "--name", "creds"]) == 0
+    assert main(["promote", "--name", "creds"]) == 0
+    assert main(["promote", "--name", "no-such-model"]) == 2
+    point_at_server()  # as a fresh shell has it: the step processes start from the URI with credentials
+    bad = tmp_path / "bad.txt"
+    bad.write_text("this is not criteo\n" * 50)
+    assert main(["pipeline", "run-local", "--input", str(bad), "--run-name", "creds-broken", "--epochs", "1",
+                 "--pipeline-root", str(tmp_path / "kfp")]) == 2
+    from deeplight.cli import pipeline as pipeline_cli
+
+    pipeline_cli.print_summary(pipeline_cli.summarize("creds-broken"))
+    captured = capfd.readouterr()
+    logs = "".join(p.read_text() for p in (tmp_path / "kfp").glob("*.log"))
+    printed = captured.out + captured.err + logs
+    assert password not in printed and "alice" not in printed
+    assert f"View run train at: {server}/#/experiments/" in printed  # MLflow's line, without the credentials
+    assert f"no registered model 'no-such-model' at {server}" in captured.err
+    assert "deeplight: error: pipeline failed" in captured.err and f"store {server}" in captured.out
+
+
 def _post(url: str, body: object) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import deeplight
 from deeplight.base.errors import DeeplightError
+from deeplight.base.redact import redact
 from deeplight.base.config import MODEL_SECTIONS
 from deeplight.cli.options import add_set, config_from, setting
 
@@ -216,8 +217,14 @@ def _tracker(a: argparse.Namespace):
 
 # --- parser ---------------------------------------------------------------------------------------------
 
+MLFLOW_HELP = ("MLflow: runs and models go to MLFLOW_TRACKING_URI (default: sqlite under ./mlruns). For a server "
+               "that needs a login, set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+               "MLFLOW_TRACKING_TOKEN) instead of putting user:password@ in the URI; such a URI still works, but "
+               "deeplight moves the credentials out of it, and never prints them.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deeplight", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="deeplight", description=__doc__.splitlines()[0], epilog=MLFLOW_HELP)
     p.add_argument("--version", action="version", version=f"deeplight {deeplight.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -386,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except DeeplightError as e:
-        print(f"deeplight: error: {e}", file=sys.stderr)
+        print(f"deeplight: error: {redact(e)}", file=sys.stderr)  # an error may quote a URI with credentials
         return 2
 
 

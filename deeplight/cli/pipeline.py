@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplight.base.errors import DeeplightError
+from deeplight.base.redact import redact
 
 DEFAULT_YAML = Path("pipelines") / "deeplight_pipeline.yaml"  # relative: where a checkout keeps it
 DEFAULT_ROWS = 300_000
@@ -172,7 +173,7 @@ def _failure_message(run_name: str, error: Exception) -> str:
     run = find_pipeline_run(run_name=run_name)
     detail = run.data.tags.get(ERROR_TAG) if run is not None else None
     where = f" (MLflow run {run.info.run_id})" if run is not None else ""
-    return f"pipeline failed{where}: {detail or error}"
+    return redact(f"pipeline failed{where}: {detail or error}")  # a step's error may quote the tracking URI
 
 
 # --- the summary table -----------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
     c = client()
     parent = c.get_run(parent_run_id) if parent_run_id else find_pipeline_run(run_name=run_name)
     if parent is None:
-        raise DeeplightError(f"no MLflow pipeline run named {run_name!r} in {tracking_uri()}")
+        raise DeeplightError(f"no MLflow pipeline run named {run_name!r} in {redact(tracking_uri())}")
     children = c.search_runs([experiment_id(c)], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                              order_by=["attributes.start_time ASC"])
     m = parent.data.metrics
@@ -197,7 +198,7 @@ def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
         "run_name": parent.info.run_name, "parent_run_id": parent.info.run_id, "status": parent.info.status,
         "children": {r.info.run_name: r.info.run_id for r in children},
         "registered": parent.data.tags.get(REGISTERED_TAG, ""),
-        "rows": rows, "tracking_uri": tracking_uri(),
+        "rows": rows, "tracking_uri": redact(tracking_uri()),  # printed: never user:password@
     }
 
 

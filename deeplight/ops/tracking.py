@@ -3,6 +3,8 @@
 Default store: `sqlite:///<cwd>/mlruns/mlflow.db` with artifacts under `<cwd>/mlruns/artifacts` (the embedded
 default, what `make ui` shows). `MLFLOW_TRACKING_URI` overrides it (a remote `mlflow server`; S3 artifacts via
 `MLFLOW_S3_ENDPOINT_URL`). Credentials never reach params, tags or logs: values are passed through `redact`.
+Give a server's credentials as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, not in the URI; a URI with
+`user:password@` works but is cleaned before MLflow sees it, so neither MLflow nor deeplight prints them.
 
     tracker = MlflowTracker(experiment="deeplight")
     with tracker.run("train") as log:
@@ -18,13 +20,15 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from deeplight.base.redact import redact
+
 DEFAULT_EXPERIMENT = "deeplight"
 PARENT_TAG = "mlflow.parentRunId"
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
 
 
@@ -32,23 +36,37 @@ def mlruns_dir() -> Path:
     return Path(os.environ.get("DEEPLIGHT_MLRUNS", Path.cwd() / "mlruns")).absolute()
 
 
+def _credentials_out_of_uri(uri: str) -> str:
+    """`uri` without `user:password@`, the pair moved to MLFLOW_TRACKING_USERNAME / _PASSWORD (the same HTTP basic
+    auth). MLflow prints its tracking URI ("View run ... at: URL" when a run ends) and puts it in error messages;
+    a URI without credentials cannot leak them. The cleaned URI replaces MLFLOW_TRACKING_URI so that MLflow's
+    own lookups and the pipeline's step processes see it too. Credentials already in the environment win (as in
+    MLflow). A user without a password cannot move: that URI is kept, and MLflow told not to print it."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    env_creds = os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not env_creds:
+        if not (user and password):
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+            return uri
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    clean = urlunsplit(parts._replace(netloc=host))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
+
+
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the embedded sqlite store under ./mlruns."""
+    """`MLFLOW_TRACKING_URI` when set (credentials in it moved to the environment: `_credentials_out_of_uri`),
+    else the embedded sqlite store under ./mlruns."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _credentials_out_of_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlruns_dir().mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
-
-
-def redact(value: Any) -> str:
-    """A value as a string safe to log: `user:password@` removed from URLs, known secrets masked."""
-    text = str(value)
-    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _safe_items(d: dict[str, Any]) -> list[tuple[str, str]]:
