@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -165,9 +166,16 @@ def test_a_bad_input_file_fails_the_pipeline_with_its_message_and_registers_noth
     bad.write_text("this is not criteo\n" * 50)
     code = cli_main(["pipeline", "run-local", "--input", str(bad), "--run-name", "broken", "--epochs", "1",
                      "--pipeline-root", str(tmp_path / "kfp")])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 2
     assert "deeplight: error: pipeline failed" in err and f"ingest: {bad}: 50 of 50 rows are bad" in err
+    # the terminal gets a line per step; KFP's executor output goes to the run's log file, which the error names
+    log = tmp_path / "kfp" / "broken.log"
+    assert f"every step's output: {log}" in err
+    assert re.search(r"^ingest: started$", captured.out, re.M) and \
+        re.search(r"^ingest: FAILURE in \d+ s$", captured.out, re.M), captured.out
+    assert "Streamed logs" not in captured.out and "Streamed logs" in log.read_text()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     parent = client.search_runs([client.get_experiment_by_name("deeplight").experiment_id],
                                 "attributes.run_name = 'broken'")[0]

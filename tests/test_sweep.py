@@ -7,7 +7,9 @@ dense checkpoint so that no test trains twice.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -65,12 +67,14 @@ def swept(tmp_path_factory: pytest.TempPathFactory):
         # the rule itself is tested on its own below.
         settings = SweepSettings(study="toy", n_trials=N_TRIALS, latency_calls=200, tolerance=1.0,
                                  space=SearchSpace(finetune_epochs=(1, 1)))
-        summary = run_sweep(data, root / "out", settings, overrides=TINY, register="sweep-test-model")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            summary = run_sweep(data, root / "out", settings, overrides=TINY, register="sweep-test-model")
         from deeplight.ops.tracking import client
 
         yield SimpleNamespace(root=root, data=data, settings=settings, summary=summary, out=root / "out",
                               client=client(), dense=root / "out" / "dense" / "best.pt",
-                              storage=settings.storage_url())
+                              storage=settings.storage_url(), stderr=err.getvalue())
 
 
 def _study(s: SimpleNamespace, name: str = "toy", url: str | None = None) -> optuna.Study:
@@ -104,6 +108,16 @@ def test_search_space_and_objectives(swept):
         assert 0.1 < t.values[1] < 10_000
     # Reseeded per trial: no two trials drew the same point.
     assert len({tuple(sorted(t.params.items())) for t in trials}) == N_TRIALS
+
+
+def test_each_trial_logs_its_start_with_settings_and_its_result(swept):
+    """Progress of a sweep off a terminal: a line when a trial starts (its settings) and when it ends."""
+    started = [line for line in swept.stderr.splitlines() if line.startswith("sweep toy: trial ")
+               and " started on " in line]
+    done = [line for line in swept.stderr.splitlines() if line.startswith("sweep toy: trial ") and " done in " in line]
+    assert len(started) == len(done) == N_TRIALS, swept.stderr[-2000:]
+    assert all("prune.dnn=" in line and "prune.mode=" in line for line in started)
+    assert all("valid AUC 0." in line and "batch-1 latency" in line for line in done)
 
 
 def test_pareto_front_and_choice_rule():

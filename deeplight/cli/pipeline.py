@@ -8,19 +8,26 @@ command line. This module and the components are the only deeplight code that im
 `run-local` (what `make run` does) runs the whole pipeline with kfp.local.SubprocessRunner in this venv: with
 no --input it generates the synthetic Criteo file once (data/default/), tracks into the embedded MLflow store
 under ./mlruns (absolute path, passed to the steps through the environment), then prints the dense vs pruned
-table read back from MLflow. `submit` uploads the compiled pipeline with kfp.Client and starts a run; the
-steps then read S3 and log to the MLflow server named by the cluster's environment (README: cluster set-up).
+table read back from MLflow. While it runs, the terminal shows one line per step start and end (status,
+duration) and the steps' progress lines; everything else (KFP's executor output) goes to
+PIPELINE_ROOT/RUN_NAME.log (`--verbose` streams it all). `submit` uploads the compiled pipeline with kfp.Client
+and starts a run; the steps then read S3 and log to the MLflow server named by the cluster's environment (README:
+cluster set-up).
 
 Pipeline settings (both commands): --dataset, --split, --split-mode, --seed, --min-count | --buckets,
---epochs, --dnn/--field/--embedding sparsity, --mode, --ramp-epochs, --finetune-epochs, --config JSON
+--epochs, --dnn/--field/--embedding sparsity, --mode, --ramp-epochs, --finetune-epochs, --set SECTION.KEY=VALUE
 (dotted Config overrides), --model-name, --promote, --tolerance, --latency-slo-us, --run-name.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
+import sys
 import tempfile
 import time
 import uuid
@@ -135,10 +142,69 @@ def local_environment(mlruns: str | Path | None = None) -> dict[str, str]:
     return env
 
 
+class StepLog(io.TextIOBase):
+    """What run-local writes while KFP runs the steps: every line (KFP's executor output, each step's own output)
+    goes to a log file; the terminal gets a concise account: each step's start, its end with status and duration,
+    progress lines (`deeplight.base.progress`), sweep trials, errors. `verbose`: the terminal gets everything."""
+
+    _TASK = re.compile(r"Executing task '?([\w-]+)'?|Task '?([\w-]+)'? finished with status (\w+)")
+    _ECHO = re.compile(r"^(?:sweep \S+: trial|deeplight: error|prune: |epoch \d)|, [\d.]+[kMG]? \S+/s, ")
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, path: Path, out: Any, verbose: bool = False, clock: Any = time.monotonic):
+        self.file = open(path, "a", encoding="utf-8")
+        self.out, self.verbose, self.clock = out, verbose, clock
+        self.partial = ""
+        self.started: dict[str, float] = {}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        if self.verbose:
+            self.out.write(text)
+            return len(text)
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            self._line(self._ANSI.sub("", line))
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        m = self._TASK.search(line)
+        if m and m.group(1):
+            self.started[m.group(1)] = self.clock()
+            self.out.write(f"{m.group(1)}: started\n")
+        elif m:
+            took = self.clock() - self.started.get(m.group(2), self.clock())
+            self.out.write(f"{m.group(2)}: {m.group(3)} in {took:.0f} s\n")
+        elif self._ECHO.search(line.strip()):
+            self.out.write(f"    {line.strip()}\n")
+        else:
+            return
+        self.out.flush()
+
+    def flush(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.partial:
+            self._line(self._ANSI.sub("", self.partial))
+            self.partial = ""
+        self.file.close()
+        super().close()
+
+
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
-              mlruns: str | Path | None = None) -> dict[str, Any]:
+              mlruns: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
     """Run the pipeline with kfp.local.SubprocessRunner in this venv; returns the summary read from MLflow.
-    A failed step raises DeeplightError with the step's own message (also on the MLflow parent run)."""
+    A failed step raises DeeplightError with the step's own message (also on the MLflow parent run).
+
+    `verbose=False`: KFP's and the steps' output goes to `<pipeline_root>/<run name>.log` (summary["log"]) and
+    the terminal shows a concise account (`StepLog`)."""
     from kfp import local
 
     local_environment(mlruns)
@@ -152,18 +218,27 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = _import_pipeline().deeplight_pipeline
     started = time.perf_counter()
+    log_path = root / f"{arguments['run_name']}.log"
+    # KFP's local runner prints the steps' output and its own log lines to sys.stdout (looked up at each call)
+    step_log = None if verbose else StepLog(log_path, sys.stdout)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(step_log or sys.stdout):
             # Expected here, once per step: the steps run in this venv, not in the image they name, and
             # display names only show on a cluster.
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect")
             pipeline(**arguments)
     except RuntimeError as e:
-        raise DeeplightError(_failure_message(arguments["run_name"], e)) from None
+        where = f" (every step's output: {log_path})" if step_log else ""
+        raise DeeplightError(_failure_message(arguments["run_name"], e) + where) from None
+    finally:
+        if step_log is not None:
+            step_log.close()
     summary = summarize(arguments["run_name"])
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["pipeline_root"] = str(root)
+    if step_log is not None:
+        summary["log"] = str(log_path)
     return summary
 
 
@@ -229,6 +304,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"registered model version {summary['registered']} (alias challenger)")
     if "seconds" in summary:
         print(f"pipeline took {summary['seconds']:.0f} s; step outputs under {summary['pipeline_root']}")
+    if summary.get("log"):
+        print(f"every step's output: {summary['log']} (--verbose streams it)")
     print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
 
 
@@ -315,6 +392,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", nargs="+", help="raw files (default: synthetic Criteo, generated on first use)")
     sp.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of the default synthetic data")
     sp.add_argument("--pipeline-root", default="out/kfp", help="where step outputs go")
+    sp.add_argument("--verbose", action="store_true",
+                    help="stream KFP's and every step's output (default: a line per step and progress; the rest "
+                         "goes to PIPELINE_ROOT/RUN_NAME.log)")
     add_pipeline_settings(sp)
 
     sp = sub.add_parser("submit", help="upload the pipeline to a KFP cluster and start a run",
@@ -336,7 +416,7 @@ def main(a: argparse.Namespace) -> None:
         if not a.input:
             seed = a.seed if a.seed is not None else 0
             defaults["input_uris"] = [str(default_input(a.rows, seed))]
-        summary = run_local(pipeline_arguments(a, defaults), pipeline_root=a.pipeline_root)
+        summary = run_local(pipeline_arguments(a, defaults), pipeline_root=a.pipeline_root, verbose=a.verbose)
         print_summary(summary)
     elif a.pipeline_command == "submit":
         result = submit(a.host, pipeline_arguments(a), package=a.package, image=a.image, experiment=a.experiment,

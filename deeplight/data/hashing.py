@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from deeplight.base.arrow import from_numpy, to_numpy, valid_mask
 from deeplight.base.errors import DeeplightError
 from deeplight.base.files import atomic_output_dir, fingerprint_files, read_json, write_json
+from deeplight.base.progress import progress
 from deeplight.data.feature_map import (FeatureMap, FieldSpec, _check_columns, _field_keys, _is_int, _is_string_type, _valid_keys, _values)
 from deeplight.data.schema import DatasetSchema, get_schema
 
@@ -100,7 +100,7 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
             out.append((keys.take(from_numpy(keep)), counts[keep]))
         return out
 
-    with tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc="fit vocab", disable=None) as bar:
+    with progress(total=_count_rows(files), unit="rows", desc="fit vocab") as bar:
         for _, batches in _map_row_groups(files, schema, specs, count):
             for rows, per_field in batches:
                 for counter, (keys, counts) in zip(counters, per_field):
@@ -176,8 +176,7 @@ def _write_split(fmap: FeatureMap, schema: DatasetSchema, files: list[Path], out
     parts: list[tuple[Path, int]] = []
     writer: pq.ParquetWriter | None = None
     try:
-        with tqdm(total=_count_rows(files), unit="rows", unit_scale=True, desc=f"features {split}",
-                  disable=None) as bar:
+        with progress(total=_count_rows(files), unit="rows", desc=f"features {split}") as bar:
             for _, batches in _map_row_groups(files, schema, fmap.fields, to_ids):
                 for rows, out_batch in batches:
                     if writer is None or parts[-1][1] >= PART_ROWS:

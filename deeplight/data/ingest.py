@@ -49,12 +49,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from deeplight.base.arrow import from_numpy
 from deeplight.base.errors import DeeplightError
 from deeplight.data.parser import count_lines, parse_clean_block
 from deeplight.base.files import atomic_output_dir, open_input, resolve, write_json
+from deeplight.base.progress import progress
 from deeplight.data.schema import DatasetSchema, get_schema
 from deeplight.data.validate import MAX_TEXT, _Bad, _show, _validate, arrow_schema
 
@@ -418,8 +418,7 @@ def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, f
     sizes = [_input_size(uri) for uri in inputs]
     stats = [_InputStats(uri) for uri in inputs]
     with atomic_output_dir(out_dir, step="ingest", inputs=inputs, legacy_files=("report.json",)) as tmp, \
-            tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, desc="ingest",  # type: ignore
-                 disable=None) as bar, \
+            progress(total=None if None in sizes else sum(sizes), unit="B", desc="ingest") as bar, \
             open(tmp / "quarantine.jsonl", "w") as quarantine, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="deeplight-write") as pool, \
             ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="deeplight-parse") as parse_pool:

@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from deeplight.base.errors import DeeplightError
 from deeplight.base.files import resolve
+from deeplight.base.progress import progress
 from deeplight.data.schema import Column, DatasetSchema, get_schema
 from deeplight.data.click_model import (  # noqa: F401 (re-exported: synth's API includes the truth)
     MAIN_VARIANCE, PAIR_VARIANCE, REFERENCE_ROWS, SHRINK_COUNT, TIME_HOURS, TIME_START, TRUTH_FORMAT, _derived_pmf,
@@ -374,7 +374,7 @@ def synthesize(dataset: str, rows: int, seed: int, out: str, truth_path: str | N
     with _output(out) as sink:
         if schema.header:  # pyarrow's CSV writer would quote the names
             sink.write((schema.delimiter.join(schema.names) + "\n").encode())
-        with tqdm(total=rows, unit="row", unit_scale=True, desc=f"synth {dataset}", disable=None) as bar:
+        with progress(total=rows, unit="rows", desc=f"synth {dataset}") as bar:
             for b in range(-(-rows // BLOCK_ROWS)):
                 start = b * BLOCK_ROWS
                 n = min(BLOCK_ROWS, rows - start)

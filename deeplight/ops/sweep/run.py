@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -118,6 +119,10 @@ class Sweep:
         params = self.settings.space.suggest(trial)
         cfg = self.base.replace(**params)
         trial.set_user_attr("worker", worker_id())
+        started = time.monotonic()
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        print(f"sweep {self.settings.study}: trial {trial.number} started on {worker_id()}: {shown}",
+              file=sys.stderr, flush=True)
         out = (self.trials_dir / f"trial-{trial.number:04d}").absolute()
         shutil.rmtree(out, ignore_errors=True)  # a trial number is never resumed: leftovers are of a dead study
         with self.logger.child_run(trial) as log:
@@ -134,6 +139,9 @@ class Sweep:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         self.completed += 1
+        print(f"sweep {self.settings.study}: trial {trial.number} done in {time.monotonic() - started:.0f} s: "
+              f"valid AUC {result['valid']['auc']:.4f}, logloss {result['valid']['logloss']:.4f}, batch-1 latency "
+              f"{latency:.1f} us, sparsity {pruning['sparsity']}", file=sys.stderr, flush=True)
         return float(result["valid"]["auc"]), float(latency)
 
     # -- the end -------------------------------------------------------------------------------------------
