@@ -33,6 +33,7 @@ from deeplight.data.ingest import ingest
 from deeplight.data.schema import get_schema
 from deeplight.data.synth import synthesize
 from deeplight.data.validate import parse_records
+from deeplight.serve import rows as rows_module
 from deeplight.serve.rows import RawRowScorer, RowsToIds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -652,3 +653,43 @@ def test_text_route_is_taken_for_text_and_falls_back_exactly(case):
     lone = [dict(r) for r in text]
     lone[2][cat] = "\ud800"  # a lone surrogate cannot be encoded: named by the general route
     assert fast(conv, lone) == (2, cat)
+
+
+def test_vocabulary_keys_longer_and_shorter_than_a_table_word(synthetic):
+    """Table slots hold a key's first 8 bytes: keys that share them, or differ only in length, or are longer
+    than 8 bytes, must still map exactly as the feature map does (hits, and near misses -> OOV). The near misses
+    are chosen to land in the slot of a vocabulary key with the same first 8 bytes, so only the length and the
+    bytes after the 8th tell them apart."""
+    fmap, recs = synthetic["criteo"]
+    d = fmap.to_dict()
+    field = next(x for x in d["fields"] if x["kind"] == "cat")
+
+    def converter(vocab: list[str]) -> RowsToIds:
+        field["vocab"], field["size"] = vocab, len(vocab) + 2
+        return RowsToIds(FeatureMap.from_dict(d))
+
+    vocab = ["abcdefghij", "abcdefgh", "abcdefghijk", "ab", "ü€ü€ü€", "PLACEHOLDER"]
+    conv = converter(vocab)  # the table's size and hash basis depend on the field and the vocabulary's size
+    f = [x.name for x in conv.fmap.fields].index(field["name"])
+
+    def slot(text: str) -> int:
+        b = np.frombuffer(text.encode(), np.uint8)
+        return int(rows_module._hash(b, 0, len(b), conv.basis[f]) & np.uint64(conv.tab_mask[f]))
+
+    def colliding(pattern: str, target: str) -> str:
+        return next(t for t in (pattern.format(k) for k in range(10**5)) if slot(t) == slot(target))
+
+    vocab[-1] = colliding("abcdefghi{}", "abcdefghi")  # a longer key in the slot of the 9-byte probe below
+    conv = converter(vocab)
+    near = ["abcdefghi", colliding("abcdefgh{:02d}", "abcdefghij"), colliding("abcdefghi{}", "abcdefghij"),
+            colliding("abcdefgh{:03d}", "abcdefghijk"), colliding("abcdefgh{}", "abcdefgh")]
+    probes = vocab + near + ["abcdefghiX", "abcdefg", "abcdefghijkl", "abcdefgh\x00", "a", "ü€ü€ü", ""]
+    rows = []
+    for i, value in enumerate(probes):
+        r = dict(recs[i % len(recs)])
+        r[field["source"]] = value
+        rows.append(r)
+    same(conv, rows, "long and short vocabulary keys")
+    got = conv.transform(rows)
+    assert got[:len(vocab), f].tolist() == list(range(2, len(vocab) + 2))  # every key found
+    assert got[len(vocab):, f].tolist() == [0 if p == "" else 1 for p in probes[len(vocab):]]  # OOV; "": missing

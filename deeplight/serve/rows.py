@@ -102,16 +102,30 @@ def _hash(data, lo, hi, basis):
     return h
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _word8(data, lo, hi):
+    """The first (up to) 8 bytes of data[lo:hi] as one int64, little-endian, zero-padded."""
+    w = np.uint64(0)
+    for q in range(min(hi - lo, 8)):
+        w |= np.uint64(data[lo + q]) << np.uint64(8 * q)
+    return np.int64(w)
+
+
 @numba.njit(cache=True, nogil=True)
 def _build_tables(vdata, voff, vfield, basis, tab_off, tab_mask, table):
-    """Insert vocabulary key v (bytes vdata[voff[v]:voff[v+1]] of field vfield[v]) into that field's table."""
+    """Insert vocabulary key v (bytes vdata[voff[v]:voff[v+1]] of field vfield[v]) into that field's table.
+
+    A slot is (v | length << 32, the key's first 8 bytes), -1 when empty: a lookup compares the key in the slot
+    itself (one memory access; keys of up to 8 bytes, e.g. Criteo's, need no other) instead of following v to
+    the key's offsets and bytes (two more dependent accesses: they were two thirds of a lookup's time)."""
     for v in range(len(vfield)):
         f = vfield[v]
         h = _hash(vdata, voff[v], voff[v + 1], basis[f])
         slot = np.int64(h & np.uint64(tab_mask[f]))
-        while table[tab_off[f] + slot] >= 0:
+        while table[tab_off[f] + slot, 0] >= 0:
             slot = (slot + 1) & tab_mask[f]
-        table[tab_off[f] + slot] = v
+        table[tab_off[f] + slot, 0] = v | ((voff[v + 1] - voff[v]) << 32)
+        table[tab_off[f] + slot, 1] = _word8(vdata, voff[v], voff[v + 1])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -121,18 +135,22 @@ def _key_id(data, lo, hi, f, basis, hashed, size, tab_off, tab_mask, table, vdat
     if hashed:
         return np.int64(np.uint64(1) + h % np.uint64(size[f] - 1))
     n = hi - lo
+    w = _word8(data, lo, hi)
     slot = np.int64(h & np.uint64(tab_mask[f]))
     while True:
-        v = table[tab_off[f] + slot]
-        if v < 0:
+        s = tab_off[f] + slot
+        e = table[s, 0]
+        if e < 0:
             return np.int64(1)  # OOV
-        a = voff[v]
-        if voff[v + 1] - a == n:
+        if (e >> 32) == n and table[s, 1] == w:
+            v = e & 0xFFFFFFFF
             same = True
-            for k in range(n):
-                if vdata[a + k] != data[lo + k]:
-                    same = False
-                    break
+            if n > 8:
+                a = voff[v]
+                for k in range(8, n):
+                    if vdata[a + k] != data[lo + k]:
+                        same = False
+                        break
             if same:
                 return np.int64(v - vfirst[f] + 2)
         slot = (slot + 1) & tab_mask[f]
@@ -494,11 +512,13 @@ class RowsToIds:
         self.tab_mask = np.zeros(F, np.int64)
         self.vfirst = np.zeros(F, np.int64)
         if self.hashed:
-            self.table = np.full(1, -1, np.int64)
+            self.table = np.full((1, 2), -1, np.int64)
             self.vdata, self.voff = np.zeros(1, np.uint8), np.zeros(1, np.int64)
         else:
             vocabs = [f.vocab or [] for f in fmap.fields]
             enc = [v.encode() for voc in vocabs for v in voc]
+            if len(enc) >= 2**31:  # a table slot holds v in 32 bits
+                raise DeeplightError(f"serving: {len(enc):,} vocabulary entries, at most 2**31 - 1 supported")
             self.vdata = np.frombuffer(b"".join(enc) or b"\0", np.uint8).copy()
             self.voff = np.zeros(len(enc) + 1, np.int64)
             np.cumsum([len(b) for b in enc], out=self.voff[1:])
@@ -507,7 +527,7 @@ class RowsToIds:
             caps = [1 << max(1, (2 * len(v)).bit_length()) for v in vocabs]  # load factor <= 0.5
             self.tab_off = np.concatenate([[0], np.cumsum(caps)[:-1]]).astype(np.int64)
             self.tab_mask = np.array(caps, np.int64) - 1
-            self.table = np.full(int(sum(caps)), -1, np.int64)
+            self.table = np.full((int(sum(caps)), 2), -1, np.int64)
             _build_tables(self.vdata, self.voff, vfield, self.basis, self.tab_off, self.tab_mask, self.table)
         # int fields: the id of every key str(t), t in [-1024, 1906], computed by the feature map itself
         from deeplight.data.feature_map import _int_base_keys, _small_table
