@@ -151,13 +151,8 @@ def test_temp_folders_of_a_killed_run_are_removed_by_the_next_run(tmp_path: Path
 
 # --- permissions -----------------------------------------------------------------------------------------
 
-# Written by deeplight/serve/engine.py's own temp-file writer (mkstemp, 0600), which this change does not touch.
-ENGINE_FILES = {"compact.npz", "model.onnx", "model.torchscript.pt"}
-
-
 def modes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]
-            if p.name not in ENGINE_FILES}
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
 
 
 @pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)],

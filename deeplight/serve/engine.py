@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from deeplight.base.errors import DeeplightError
+from deeplight.base.files import usual_mode
 from deeplight.serve.kernels import (HAVE_NUMBA, SMALL_BATCH, pack, score_batch_kernel, score_one_kernel,
                                      score_rows_kernel)
 
@@ -572,6 +573,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, usual_mode())  # mkstemp's 0600 would hide the model from a step running as another user
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
