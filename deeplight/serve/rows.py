@@ -226,20 +226,15 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
                     err[0], err[1], err[2] = r, c, 4
                     return
                 continue
+            # labels and times: `good` says whether a present value is acceptable; the verdict is shared below
+            good = False
+            v = np.int64(0)
             if src == 1:
                 j = s_base[c] + r * s_stride[c]
                 valid = s_valid[j]
                 lo, hi = s_off[j], s_off[j + 1]
                 ln = hi - lo
-                if kind == 0:  # label: exactly "0" or "1"; null allowed when optional
-                    if valid:
-                        if not (ln == 1 and (s_data[lo] == 48 or s_data[lo] == 49)):
-                            err[0], err[1], err[2] = r, c, 1
-                            return
-                    elif not col_nullok[c]:
-                        err[0], err[1], err[2] = r, c, 1
-                        return
-                elif kind == 1:  # int: ^-?[0-9]+$ within int64; null or "" -> missing
+                if kind == 1:  # int: ^-?[0-9]+$ within int64; null or "" -> missing
                     if valid and ln > 0:
                         k = lo
                         neg = s_data[k] == 45
@@ -270,52 +265,44 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
                         else:
                             ival[c] = np.int64(acc)
                         ipres[c] = True
+                elif kind == 0:  # label: exactly "0" or "1"
+                    good = ln == 1 and (s_data[lo] == 48 or s_data[lo] == 49)
                 elif kind == 4:  # time: 8 digits, a real date and hour
-                    ok = valid and ln == 8
-                    v = np.int64(0)
-                    if ok:
+                    good = valid and ln == 8
+                    if good:
                         for q in range(lo, hi):
                             b = s_data[q]
                             if b < 48 or b > 57:
-                                ok = False
+                                good = False
                                 break
                             v = v * 10 + (b - 48)
-                    if ok:
-                        ok = _valid_time(v)[0]
-                    if not ok:
-                        if valid or not col_nullok[c]:
-                            err[0], err[1], err[2] = r, c, 4
-                            return
-                    else:
-                        ival[c] = v
-                        ipres[c] = True
+                    if good:
+                        good = _valid_time(v)[0]
                 elif kind == 2:  # cat
                     ipres[c] = valid and ln > 0
             else:  # int source
                 j = i_base[c] + r * i_stride[c]
                 valid = i_valid[j]
                 v = i_val[j]
-                if kind == 0:
-                    if valid:
-                        if v != 0 and v != 1:
-                            err[0], err[1], err[2] = r, c, 1
-                            return
-                    elif not col_nullok[c]:
-                        err[0], err[1], err[2] = r, c, 1
-                        return
-                elif kind == 1 or kind == 2:
+                if kind == 1 or kind == 2:
                     if valid:
                         ival[c] = v
                         ipres[c] = True
+                elif kind == 0:
+                    good = v == 0 or v == 1
                 elif kind == 4:
-                    ok = valid and v >= 10000000 and v <= 99999999 and _valid_time(v)[0]
-                    if not ok:
-                        if valid or not col_nullok[c]:
-                            err[0], err[1], err[2] = r, c, 4
-                            return
-                    else:
-                        ival[c] = v
-                        ipres[c] = True
+                    good = v >= 10000000 and v <= 99999999 and _valid_time(v)[0]
+            if kind == 0:  # null allowed when the column is optional
+                if (valid and not good) or (not valid and not col_nullok[c]):
+                    err[0], err[1], err[2] = r, c, 1
+                    return
+            elif kind == 4:
+                if valid and good:
+                    ival[c] = v
+                    ipres[c] = True
+                elif valid or not col_nullok[c]:
+                    err[0], err[1], err[2] = r, c, 4
+                    return
         # 2. ids
         for f in range(F):
             c = fld_col[f]
@@ -330,20 +317,11 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
                 continue
             x = ival[c]
             if fk == 0 and x >= -1024:  # t(x) + 1024 from the shared table, then the field's id of str(t)
+                # Criteo transform t(x) = floor(ln(x)^2) for x > 2: beyond the table, the number of exact
+                # thresholds <= x (a binary search; np.searchsorted allocates)
                 if x < 65536:
-                    out[r, f] = int_lut[int_row[f], small[x + 1024]]
-                    continue
-                a, b = 0, len(thresholds)
-                while a < b:
-                    m = (a + b) >> 1
-                    if thresholds[m] <= x:
-                        a = m + 1
-                    else:
-                        b = m
-                out[r, f] = int_lut[int_row[f], a + 1024]
-                continue
-            if fk == 0:  # Criteo transform t(x) = floor(ln(x)^2) for x > 2 (exact thresholds)
-                if x > 2:  # t = number of thresholds <= x (binary search; np.searchsorted allocates)
+                    t = small[x + 1024]
+                else:
                     a, b = 0, len(thresholds)
                     while a < b:
                         m = (a + b) >> 1
@@ -351,11 +329,14 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
                             a = m + 1
                         else:
                             b = m
-                    x = a
-            elif fk == 2:
+                    t = a + 1024
+                out[r, f] = int_lut[int_row[f], t]
+                continue
+            if fk == 2:
                 x = x % 100
             elif fk == 3:
                 x = _valid_time(x)[2]
+            # an int field here has x < -1024, which the transform leaves as it is (it changes only x > 2)
             p = _decimal(x, buf)
             out[r, f] = _key_id(buf, p, 24, f, basis, hashed, size, tab_off, tab_mask, table, vdata, voff, vfirst)
     err[0] = -1
