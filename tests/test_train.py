@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +52,13 @@ def test_loader_streams_every_row_once_and_shuffles_by_epoch(toy_hashed: Path):
     assert torch.equal(skipped, flat0[4000:])
 
 
-def test_fwfm_learns_and_reports_test_only_at_the_end(toy_hashed: Path, tmp_path: Path):
+def test_fwfm_learns_and_reports_test_only_at_the_end(toy_hashed: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DEEPLIGHT_PROGRESS_SECONDS", "0")  # off a terminal: a progress line per step, then per epoch
     result = train(toy_hashed, tmp_path / "out", small_cfg(**{"model.kind": "fwfm"}))
+    err = capsys.readouterr().err
+    epochs = [line for line in err.splitlines() if re.match(r"epoch \d+/\d+ done: valid AUC 0\.\d{4}, logloss", line)]
+    assert len(epochs) == len(result["history"]) and re.search(r"^epoch 1/\d+: .* samples/s", err, re.M), err[-1500:]
     assert result["valid"]["auc"] > 0.7
     assert set(result["test"]) >= {"auc", "logloss", "rows", "mean_pred", "observed_ctr"}
     assert result["test"]["rows"] == 3000

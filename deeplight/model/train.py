@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from deeplight.model import checkpoint
 
@@ -33,6 +33,7 @@ from deeplight.model import metrics
 from deeplight.base.config import MODEL_SECTIONS, Config, TrainConfig
 from deeplight.data.loader import SplitLoader, check_both_classes, read_manifest
 from deeplight.base.errors import DeeplightError
+from deeplight.base.progress import progress
 from deeplight.base.files import write_json
 from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.base.provenance import code_version
@@ -214,6 +215,9 @@ class Trainer:
                 if valid["auc"] > p.best_auc:
                     p.best_auc, p.best_epoch, p.bad_epochs = valid["auc"], p.epoch, 0
                     self._save_best(valid)
+            print(f"epoch {p.epoch + 1}/{self.epochs} done: valid AUC {valid['auc']:.4f}, logloss "
+                  f"{valid['logloss']:.4f}, train loss {epoch_metrics['train_loss']:.4f}, "
+                  f"{epoch_metrics['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
                 else:
                     p.bad_epochs += 1
             p.epoch, p.batch, p.loss_sum, p.loss_rows, p.seconds = p.epoch + 1, 0, 0.0, 0, 0.0
@@ -247,10 +251,9 @@ class Trainer:
     def _train_epoch(self) -> None:
         p, model = self.progress, self.model
         model.train()
-        bar = tqdm(total=self.train_loader.rows, initial=min(p.batch * self.train_loader.batch_size,
-                                                              self.train_loader.rows),
-                   unit="sample", unit_scale=True, desc=f"epoch {p.epoch + 1}/{self.epochs}", disable=None,
-                   leave=False)
+        bar = progress(total=self.train_loader.rows, initial=min(p.batch * self.train_loader.batch_size,
+                                                                  self.train_loader.rows),
+                       unit="samples", desc=f"epoch {p.epoch + 1}/{self.epochs}", leave=False)
         started = time.perf_counter()
         for ids, y in self.train_loader.epoch(p.epoch, skip_batches=p.batch):
             soft = None
