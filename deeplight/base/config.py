@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 262_144  # rows shuffled together; bounds memory
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N] (deeplight.model.device)
     checkpoint_every: int = 500  # batches between mid-epoch resume checkpoints (0: only at epoch ends)
 
 

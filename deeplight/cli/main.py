@@ -44,6 +44,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
+def _device(sp: argparse.ArgumentParser, what: str = "the model") -> None:
+    setting(sp, "--device", "train.device", choices=["auto", "cpu", "cuda"],
+            help=f"where torch trains {what}: auto = a CUDA GPU when torch sees one, else the CPU; --set train.device=cuda:N picks a GPU")
+
+
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -275,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--patience", "train.patience", int, "epochs without a better valid AUC before stopping")
     setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")
     setting(sp, "--checkpoint-every", "train.checkpoint_every", int, "batches between resume checkpoints")
+    _device(sp)
     add_set(sp)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
@@ -299,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--seed", "train.seed", int)
     setting(sp, "--batch-size", "train.batch_size", int)
     setting(sp, "--threads", "train.threads", int, "torch threads (0: torch's choice)")
+    _device(sp)
     add_set(sp)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
@@ -331,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--finetune-epochs", "sweep.finetune_epochs", _range(int), "fine-tune epochs range", sep=":")
     setting(sp, "--latency-calls", "sweep.latency_calls", int, "batch-1 calls timed per trial (median)")
     setting(sp, "--heartbeat", "sweep.heartbeat", int, "seconds between a running trial's heartbeats")
+    _device(sp, "the dense model and the trials")
     sp.add_argument("--grace", type=int, help="a trial without heartbeat this long is failed (default 3x heartbeat)")
     setting(sp, "--experiment", "registry.experiment", help="MLflow experiment")
     sp.add_argument("--no-finalize", action="store_true", help="run trials only (a pipeline worker)")

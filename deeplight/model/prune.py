@@ -56,6 +56,7 @@ from deeplight.data.loader import SplitLoader, check_both_classes, read_manifest
 from deeplight.base.errors import DeeplightError
 from deeplight.base.files import write_json
 from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.model.device import resolve as resolve_device
 from deeplight.base.tracker import NullTracker, RunLog, Tracker
 from deeplight.model import metrics
 from deeplight.model.train import EVAL_BATCH, Trainer, evaluate_split, predict_logits, train_batch_size
@@ -451,7 +452,8 @@ def prune_to_targets(dense_checkpoint: str | Path, data_dir: str | Path, out_dir
     if dense.get("feature_map_fingerprint") != manifest.get("feature_map_fingerprint", ""):
         raise DeeplightError(f"{dense_checkpoint} was trained with another feature map than {data_dir}")
     torch.manual_seed(cfg.train.seed)  # before the model is built: its init draws from the RNG, as in training
-    model = checkpoint.load_model(dense_checkpoint, dense)[0].train()
+    # On train.device before the Pruner builds its masks beside the weights (the Trainer keeps it there)
+    model = checkpoint.load_model(dense_checkpoint, dense)[0].to(resolve_device(cfg.train.device)).train()
     teacher = None
     if cfg.prune.distill_weight:
         with torch.random.fork_rng():  # the student's training draws the same random numbers with or without it

@@ -36,6 +36,7 @@ from deeplight.base.errors import DeeplightError
 from deeplight.base.progress import progress
 from deeplight.base.files import write_json
 from deeplight.model.deepfwfm import DeepFwFM
+from deeplight.model.device import resolve as resolve_device, to_device
 from deeplight.base.provenance import code_version
 from deeplight.base.tracker import NullTracker, RunLog, Tracker
 
@@ -81,9 +82,10 @@ def predict_logits(model: DeepFwFM, loader: SplitLoader) -> tuple[np.ndarray, np
     was_training = model.training
     model.eval()
     ys, zs = [], []
+    device = next(model.parameters()).device
     for ids, y in loader.epoch(0):
         ys.append(y.numpy())
-        zs.append(model(ids).numpy())
+        zs.append(model(ids.to(device)).cpu().numpy())
     model.train(was_training)
     if not ys:
         raise DeeplightError(f"split {loader.split!r} is empty")
@@ -136,7 +138,9 @@ class Trainer:
                  epochs: int, hooks: TrainHooks | None = None, lr: float | None = None,
                  teacher: DeepFwFM | None = None, distill_weight: float = 0.0):
         self.model, self.cfg, self.epochs, self.hooks = model, cfg, epochs, hooks
-        self.teacher = teacher.eval() if teacher is not None and distill_weight else None
+        self.device = resolve_device(cfg.train.device)  # train.device; checkpoints are read back on the CPU
+        model.to(self.device)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None and distill_weight else None
         self.distill_weight = distill_weight
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.manifest = read_manifest(data_dir)
@@ -188,7 +192,7 @@ class Trainer:
         torch.set_rng_state(ck["rng"])
         self.progress = Progress(**ck["progress"])
         if self.hooks:
-            self.hooks.load_state(ck["extra"])
+            self.hooks.load_state(to_device(ck["extra"], self.device))
         return True
 
     def _save_best(self, valid: dict[str, float]) -> None:
@@ -256,6 +260,7 @@ class Trainer:
                        unit="samples", desc=f"epoch {p.epoch + 1}/{self.epochs}", leave=False)
         started = time.perf_counter()
         for ids, y in self.train_loader.epoch(p.epoch, skip_batches=p.batch):
+            ids, y = ids.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             soft = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -284,7 +289,7 @@ class Trainer:
         best = checkpoint.load(self.best_path)
         self.model.load_state_dict(best["model"])
         if self.hooks:
-            self.hooks.load_state(best["extra"])
+            self.hooks.load_state(to_device(best["extra"], self.device))
         valid = best["valid"]
         test = evaluate_split(self.model, self.data_dir, "test") if self.manifest["rows"].get("test") else {}
         result = {

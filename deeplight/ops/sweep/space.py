@@ -18,7 +18,7 @@ OBJECTIVES = ("valid_auc", "latency_us")  # maximize, minimize
 DIRECTIONS = ("maximize", "minimize")
 ATTR = "deeplight."  # prefix of the study user attrs this module writes
 # Settings workers of one study may set differently (they change speed, not results): not compared on joining.
-_LOCAL_SETTINGS = ("train.threads", "train.checkpoint_every")
+_LOCAL_SETTINGS = ("train.threads", "train.device", "train.checkpoint_every")
 _WAIT_S = 60.0  # how long a worker waits for the study creator to record the sweep's metadata
 
 
