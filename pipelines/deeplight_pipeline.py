@@ -14,24 +14,25 @@ or from Python:
 
 Parameter defaults are deeplight's Config defaults. `start_run` turns the parameters into one Config (JSON)
 that every step reads and opens the MLflow parent run; the exit handler `finish_run` closes it as FINISHED or
-FAILED whatever happened. Caching is off for every step: each run must log its own child runs to its own
-parent run (a cached step would log nothing).
+FAILED whatever happened. Each step's pod gets the CPU/memory requests and limits of the Config section
+`cluster` (GPUs on train and prune with cluster.gpus), compiled in; caching is off for every step
+(components/resources.py says why, step by step).
 """
 
 from kfp import dsl
 
 from components import evaluate, finish_run, hash_features, ingest, promote, prune, register, start_run, train
-from deeplight.base.config import Config
+from components.resources import cluster_ready
+from deeplight.base.config import ClusterConfig, Config
 
 PIPELINE_NAME = "deeplight"
 _D = Config()
 # The model steps in pipeline order (task names in the compiled spec; evaluate runs twice, then register).
 STEPS = ("ingest", "hash-features", "train", "prune", "evaluate", "register")
+_cluster = [_D.cluster]  # the pod settings `build` compiles in (read while KFP traces the pipeline's body)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Train, prune (DeepLight), evaluate and register a sparse DeepFwFM "
-                                              "CTR model; tracked in MLflow")
-def deeplight_pipeline(
+def _deeplight_pipeline(
     input_uris: list,
     dataset: str = _D.data.dataset,
     split: str = ",".join(str(x) for x in _D.data.split),
@@ -57,7 +58,8 @@ def deeplight_pipeline(
     buckets per field instead of a min_count vocabulary. config_overrides: JSON object of dotted Config settings
     applied last. promote_model: run the promotion gate (AUC within promote_tolerance of the champion, latency
     under latency_slo_us when > 0). run_name: the MLflow parent run's name (default: pipeline-<KFP run id>)."""
-    finish = finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
+    finish = finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    cluster_ready([finish], _cluster[0])
     with dsl.ExitHandler(finish, name="deeplight-run"):
         start = start_run(
             run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, dataset=dataset, input_uris=input_uris,
@@ -84,5 +86,18 @@ def deeplight_pipeline(
             gate = promote(model_name=model_name, tolerance=promote_tolerance, latency_slo_us=latency_slo_us,
                            parent_run_id=parent).after(registered)
             tasks.append(gate)
-    for task in tasks:
-        task.set_caching_options(False)
+    cluster_ready(tasks, _cluster[0])
+
+
+def build(cluster: ClusterConfig | None = None):
+    """The pipeline with its pods sized by `cluster` (default: Config().cluster, the committed YAML's)."""
+    _cluster[0] = cluster or _D.cluster
+    try:
+        return dsl.pipeline(name=PIPELINE_NAME, description="Train, prune (DeepLight), evaluate and register a "
+                                                            "sparse DeepFwFM CTR model; tracked in MLflow")(
+            _deeplight_pipeline)
+    finally:
+        _cluster[0] = _D.cluster
+
+
+deeplight_pipeline = build()

@@ -15,27 +15,29 @@ pass a postgresql:// URL, or leave `storage` empty and give the pods $DEEPLIGHT_
 password out of the run's parameters). The chosen trial's checkpoint travels through MLflow when the select
 pod cannot see a worker's disk. An empty `study` names the study after the KFP run; a name given again
 resumes that study. MLflow: the pipeline run is the parent of every step's run and of the sweep's run, whose
-children are the trials. Caching is off (each run must log its own runs).
+children are the trials. Pods: the Config section `cluster` (components/resources.py), compiled in; GPUs for
+train and the workers with cluster.gpus; caching off (each run must log its own runs). Submit or schedule it with
+`deeplight pipeline submit | schedule --pipeline sweep ...`.
 """
 
 from kfp import dsl
 
 from components import evaluate, finish_run, hash_features, ingest, register, start_run, train
+from components.resources import cluster_ready
 from components.sweep import sweep_init, sweep_select, sweep_worker
-from deeplight.base.config import Config
+from deeplight.base.config import ClusterConfig, Config
 
 PIPELINE_NAME = "deeplight-sweep"
 _D = Config()
 _S = _D.sweep
+_cluster = [_D.cluster]  # the pod settings `build` compiles in (read while KFP traces the pipeline's body)
 
 
 def _range(lo_hi: tuple) -> str:
     return ":".join(str(v) for v in lo_hi)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Optuna sparsity sweep of a DeepFwFM CTR model (accuracy vs "
-                                              "latency Pareto front) with N parallel workers; tracked in MLflow")
-def sweep_pipeline(
+def _sweep_pipeline(
     input_uris: list,
     dataset: str = _D.data.dataset,
     split: str = ",".join(str(x) for x in _D.data.split),
@@ -62,7 +64,8 @@ def sweep_pipeline(
     """n_trials: COMPLETE trials over all workers. *_range: LOW:HIGH sparsity (or one value). storage: Optuna
     RDB URL shared by the workers (empty: $DEEPLIGHT_OPTUNA_STORAGE, else sqlite under the MLflow dir).
     tolerance: the chosen trial is the fastest whose valid AUC is at most this below dense."""
-    finish = finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_caching_options(False)
+    finish = finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    cluster_ready([finish], _cluster[0])
     with dsl.ExitHandler(finish, name="deeplight-sweep-run"):
         start = start_run(run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, dataset=dataset,
                           input_uris=input_uris, split=split, seed=seed, min_count=min_count, epochs=epochs,
@@ -85,8 +88,21 @@ def sweep_pipeline(
         scored = evaluate(model=chosen.outputs["model"], hashed=data, variant="chosen", parent_run_id=parent)
         registered = register(model=chosen.outputs["model"], hashed=data, evaluation=scored.outputs["evaluation"],
                               dense=dense.outputs["model"], model_name=model_name, parent_run_id=parent)
-        for task in (start, raw, hashed, slots, dense, worker, chosen, scored, registered):
-            task.set_caching_options(False)
+        cluster_ready([start, raw, hashed, slots, dense, worker, chosen, scored, registered], _cluster[0])
+
+
+def build(cluster: ClusterConfig | None = None):
+    """The sweep pipeline with its pods sized by `cluster` (default: Config().cluster, the committed YAML's)."""
+    _cluster[0] = cluster or _D.cluster
+    try:
+        return dsl.pipeline(name=PIPELINE_NAME, description="Optuna sparsity sweep of a DeepFwFM CTR model "
+                                                            "(accuracy vs latency Pareto front) with N parallel "
+                                                            "workers; tracked in MLflow")(_sweep_pipeline)
+    finally:
+        _cluster[0] = _D.cluster
+
+
+sweep_pipeline = build()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -250,9 +251,12 @@ def test_compile_with_an_image_rewrites_every_step(tmp_path):
 # --- submit, against a local STUB of the KFP API ---------------------------------------------------------
 
 class StubKfpApi(BaseHTTPRequestHandler):
-    """A STUB of the KFP v2beta1 REST API (not Kubeflow): records each request, answers with canned JSON."""
+    """A STUB of the KFP v2beta1 REST API (not Kubeflow): records each request, answers with canned JSON. It
+    knows runs, experiments, pipeline uploads (multipart bodies are kept as text), pipeline versions and
+    recurring runs; `pipelines` holds the pipelines it has "stored" (name -> id)."""
 
     requests: list[dict] = []
+    pipelines: dict[str, str] = {}
 
     def _reply(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -264,8 +268,12 @@ class StubKfpApi(BaseHTTPRequestHandler):
 
     def _record(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else None
-        req = {"method": self.command, "path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+        raw = self.rfile.read(length) if length else b""
+        multipart = (self.headers.get("Content-Type") or "").startswith("multipart/")
+        body = raw.decode(errors="replace") if multipart else json.loads(raw) if raw else None
+        url = urlsplit(self.path)
+        req = {"method": self.command, "path": url.path, "query": {k: v[0] for k, v in parse_qs(url.query).items()},
+               "body": body, "auth": self.headers.get("Authorization")}
         self.requests.append(req)
         return req
 
@@ -275,6 +283,14 @@ class StubKfpApi(BaseHTTPRequestHandler):
             return self._reply(200, {"multi_user": False})
         if req["path"].startswith("/apis/v2beta1/experiments"):
             return self._reply(200, {"experiments": [], "total_size": 0})
+        if req["path"].startswith("/apis/v2beta1/pipelines/") and req["path"].endswith("/versions"):
+            pipeline_id = req["path"].split("/")[-2]
+            return self._reply(200, {"pipeline_versions": [{"pipeline_id": pipeline_id, "pipeline_version_id":
+                                                            f"{pipeline_id}-v1"}], "total_size": 1})
+        if req["path"] == "/apis/v2beta1/pipelines":
+            name = json.loads(req["query"]["filter"])["predicates"][0]["stringValue"]
+            found = [{"pipeline_id": self.pipelines[name], "display_name": name}] if name in self.pipelines else []
+            return self._reply(200, {"pipelines": found, "total_size": len(found)} if found else {})
         self._reply(404, {"error": "not in the stub"})
 
     def do_POST(self):  # noqa: N802
@@ -284,6 +300,16 @@ class StubKfpApi(BaseHTTPRequestHandler):
         if req["path"] == "/apis/v2beta1/runs":
             return self._reply(200, {"run_id": "run-456", "display_name": req["body"]["display_name"],
                                      "experiment_id": req["body"]["experiment_id"], "state": "PENDING"})
+        if req["path"] == "/apis/v2beta1/pipelines/upload":
+            self.pipelines[req["query"]["name"]] = f"pipe-{len(self.pipelines) + 1}"
+            return self._reply(200, {"pipeline_id": self.pipelines[req["query"]["name"]],
+                                     "display_name": req["query"]["name"]})
+        if req["path"] == "/apis/v2beta1/pipelines/upload_version":
+            return self._reply(200, {"pipeline_id": req["query"]["pipelineid"], "pipeline_version_id": "ver-2",
+                                     "display_name": req["query"]["name"]})
+        if req["path"] == "/apis/v2beta1/recurringruns":
+            return self._reply(200, {"recurring_run_id": "rr-789", "display_name": req["body"]["display_name"],
+                                     "status": "ENABLED"})
         self._reply(404, {"error": "not in the stub"})
 
     def log_message(self, *args):
@@ -293,6 +319,7 @@ class StubKfpApi(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_stub():
     StubKfpApi.requests = []
+    StubKfpApi.pipelines = {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubKfpApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -359,3 +386,157 @@ def test_submit_rejects_bad_settings_before_contacting_the_server(kfp_stub):
 def test_submit_to_an_unreachable_host_is_a_clear_error():
     with pytest.raises(DeeplightError, match=r"submit to http://127\.0\.0\.1:9"):
         pipeline_cli.submit("http://127.0.0.1:9", {"input_uris": ["s3://b/k"]}, package=COMMITTED_YAML)
+
+
+# --- cluster: pod resources, GPUs, caching (compiled in; issue 19, item 6) -------------------------------
+
+def _pods(spec: dict) -> dict[str, dict]:
+    """Each executor's resources by step: exec-hash-features -> hash_features, exec-evaluate-2 -> evaluate."""
+    out: dict[str, dict] = {}
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        step = re.sub(r"-\d+$", "", name.removeprefix("exec-")).replace("-", "_")
+        assert out.get(step, executor["container"].get("resources")) == executor["container"].get("resources")
+        out[step] = executor["container"].get("resources")
+    return out
+
+
+def _asked(resources: dict) -> tuple:
+    return tuple(resources[k] for k in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
+                                        "resourceMemoryLimit"))
+
+
+@pytest.mark.parametrize("which", ["deeplight", "sweep"])
+def test_every_pod_asks_for_the_cluster_settings_and_no_gpu_by_default(which, tmp_path):
+    from components.resources import CACHING
+    from deeplight.base.config import Config
+
+    committed = {"deeplight": COMMITTED_YAML, "sweep": REPO / "pipelines" / "sweep_pipeline.yaml"}[which]
+    pods = _pods(yaml.safe_load(committed.read_text()))
+    steps = {"start_run", "ingest", "hash_features", "train", "evaluate", "register", "finish_run"} | (
+        {"prune", "promote"} if which == "deeplight" else {"sweep_init", "sweep_worker", "sweep_select"})
+    assert set(pods) == steps
+    cluster = Config().cluster
+    for step, resources in pods.items():
+        assert _asked(resources) == getattr(cluster, step), step
+        assert "accelerator" not in resources
+        assert CACHING[step][0] is False and CACHING[step][1]  # a decision, with its reason
+    # the steps that time latency are in the Guaranteed QoS class: request == limit
+    for step in {"evaluate", "sweep_worker", "sweep_select"} & steps:
+        cpu_request, cpu_limit, memory_request, memory_limit = getattr(cluster, step)
+        assert (cpu_request, memory_request) == (cpu_limit, memory_limit)
+
+
+def test_compile_with_cluster_settings_and_gpus(tmp_path, capsys):
+    code = cli_main(["pipeline", "compile", "--pipeline", "sweep", "--out", str(tmp_path / "s.yaml"), "--gpus", "2",
+                     "--set", 'cluster.train=["6","8","12Gi","24Gi"]', "--set", "cluster.gpu_type=nvidia.com/mig-1g"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "s.yaml")
+    pods = _pods(yaml.safe_load((tmp_path / "s.yaml").read_text()))
+    assert _asked(pods["train"]) == ("6", "8", "12Gi", "24Gi")
+    gpus = {step: r["accelerator"] for step, r in pods.items() if "accelerator" in r}
+    assert set(gpus) == {"train", "sweep_worker"}
+    assert all(g["resourceCount"] == "2" and g["resourceType"] == "nvidia.com/mig-1g" for g in gpus.values())
+    from deeplight.base.config import Config
+
+    out = pipeline_cli.compile_pipeline(tmp_path / "p.yaml", cluster=Config().replace(
+        **{"cluster.gpus": 1}).cluster)
+    assert {s for s, r in _pods(yaml.safe_load(out.read_text())).items() if "accelerator" in r} == {"train", "prune"}
+
+
+def test_bad_cluster_settings_fail_when_compiling(tmp_path):
+    assert cli_main(["pipeline", "compile", "--out", str(tmp_path / "a.yaml"), "--set",
+                     'cluster.train=["2","4","8Gi"]']) == 2
+    assert cli_main(["pipeline", "compile", "--out", str(tmp_path / "b.yaml"), "--set",
+                     'cluster.ingest=["2","4","4Gii","8Gi"]']) == 2
+    assert cli_main(["pipeline", "compile", "--out", str(tmp_path / "c.yaml"), "--set", "train.epochs=3"]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_submit_the_sweep_pipeline(kfp_stub):
+    host, requests = kfp_stub
+    code = cli_main(["pipeline", "submit", "--pipeline", "sweep", "--host", host, "--input", "s3://b/day_0.gz",
+                     "--epochs", "3", "--n-trials", "12", "--workers", "4", "--sampler", "nsga2",
+                     "--set", "sweep.dnn=[0.5,0.95]", "--set", 'sweep.modes=["structured"]', "--device", "cpu"])
+    assert code == 0
+    body = next(r for r in requests if r["path"] == "/apis/v2beta1/runs")["body"]
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "deeplight-sweep"
+    params = body["runtime_config"]["parameters"]
+    assert {k: v for k, v in params.items() if k != "config_overrides"} == {
+        "input_uris": ["s3://b/day_0.gz"], "epochs": 3, "n_trials": 12, "workers": 4, "sampler": "nsga2",
+        "dnn_range": "0.5:0.95", "modes": "structured"}
+    assert json.loads(params["config_overrides"]) == {"train.device": "cpu", "sweep.dnn": [0.5, 0.95],
+                                                      "sweep.modes": ["structured"]}
+
+
+def test_sweep_submission_rejects_what_the_sweep_pipeline_does_not_take(kfp_stub):
+    host, requests = kfp_stub
+    base = ["pipeline", "submit", "--pipeline", "sweep", "--host", host, "--input", "s3://b/k"]
+    assert cli_main(base + ["--dnn", "0.8"]) == 2  # a target: the sweep searches it (--set sweep.dnn=...)
+    assert cli_main(base + ["--storage", "postgresql://optuna:s3cret@db:5432/optuna"]) == 2
+    assert cli_main(base + ["--set", "sweep.dnn=[0.9,0.1]"]) == 2
+    assert cli_main(base + ["--workers", "0"]) == 2
+    assert requests == []
+
+
+def test_gpus_ask_for_accelerators_and_train_on_cuda(kfp_stub):
+    host, requests = kfp_stub
+    assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--gpus", "1"]) == 0
+    body = next(r for r in requests if r["path"] == "/apis/v2beta1/runs")["body"]
+    assert json.loads(body["runtime_config"]["parameters"]["config_overrides"]) == {"train.device": "cuda"}
+    gpus = {s for s, r in _pods(body["pipeline_spec"]).items() if "accelerator" in r}
+    assert gpus == {"train", "prune"}
+    StubKfpApi.requests.clear()
+    assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--gpus", "1", "--device",
+                     "auto"]) == 0
+    body = next(r for r in requests if r["path"] == "/apis/v2beta1/runs")["body"]
+    assert json.loads(body["runtime_config"]["parameters"]["config_overrides"]) == {"train.device": "auto"}
+
+
+def test_schedule_uploads_a_pipeline_version_and_creates_a_recurring_run(kfp_stub, monkeypatch, capsys):
+    host, requests = kfp_stub
+    monkeypatch.setenv("KFP_TOKEN", "token-abc")
+    args = ["pipeline", "schedule", "--host", host, "--cron", "0 2 * * *", "--input", "s3://b/latest.gz",
+            "--epochs", "4", "--name", "nightly", "--experiment", "ctr"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{\n"):])
+    assert result["recurring_run_id"] == "rr-789" and result["cron"] == "0 0 2 * * *"
+    assert result["pipeline_id"] == "pipe-1" and result["pipeline_version_id"] == "pipe-1-v1"  # first upload
+    upload = next(r for r in requests if r["path"] == "/apis/v2beta1/pipelines/upload")
+    assert upload["query"]["name"] == "deeplight" and "pipelineInfo" in upload["body"]  # the compiled package
+    job = next(r for r in requests if r["path"] == "/apis/v2beta1/recurringruns")["body"]
+    assert job["display_name"] == "nightly" and job["mode"] == "ENABLE" and int(job["max_concurrency"]) == 1
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *" and job["no_catchup"] is True
+    assert job["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "pipe-1-v1"}
+    assert "pipeline_spec" not in job or job["pipeline_spec"] is None
+    assert job["runtime_config"]["parameters"] == {"input_uris": ["s3://b/latest.gz"], "epochs": 4}
+    assert job["experiment_id"] == "exp-123"
+    assert all(r["auth"] == "Bearer token-abc" for r in requests)
+    # again: the pipeline exists, so the package becomes a new version of it
+    requests.clear()
+    assert cli_main(args[:4] + ["--pipeline", "sweep"] + args[4:]) == 0
+    assert cli_main(args) == 0
+    versions = [r for r in requests if r["path"] == "/apis/v2beta1/pipelines/upload_version"]
+    assert [r["query"]["pipelineid"] for r in versions] == ["pipe-1"]  # the sweep was a new pipeline
+    assert [r["query"]["name"] for r in requests if r["path"] == "/apis/v2beta1/pipelines/upload"] == [
+        "deeplight-sweep"]
+    job = [r for r in requests if r["path"] == "/apis/v2beta1/recurringruns"][-1]["body"]
+    assert job["pipeline_version_reference"] == {"pipeline_id": "pipe-1", "pipeline_version_id": "ver-2"}
+
+
+def test_schedule_checks_its_settings_before_contacting_the_server(kfp_stub):
+    host, requests = kfp_stub
+    base = ["pipeline", "schedule", "--host", host, "--input", "s3://b/k"]
+    assert cli_main(base + ["--cron", "every night"]) == 2
+    assert cli_main(base + ["--cron", "0 2 * * *", "--max-concurrency", "0"]) == 2
+    assert cli_main(base + ["--cron", "0 2 * * *", "--dnn", "1.5"]) == 2
+    assert cli_main(["pipeline", "schedule", "--host", host, "--cron", "0 2 * * *"]) == 2  # no --input
+    assert cli_main(base + ["--cron", "0 2 * * *", "--package", str(COMMITTED_YAML), "--gpus", "1"]) == 2
+    assert requests == []
+    assert pipeline_cli.cron_expression("*/30 * * * *") == "0 */30 * * * *"
+    assert pipeline_cli.cron_expression("0 0 2 * * *") == "0 0 2 * * *"
+
+
+def test_sweep_settings_need_the_sweep_pipeline(kfp_stub):
+    host, requests = kfp_stub
+    assert cli_main(["pipeline", "submit", "--host", host, "--input", "s3://b/k", "--n-trials", "5"]) == 2
+    assert requests == []

@@ -146,6 +146,33 @@ class ServeConfig:
     access_log: bool = False  # a log line per request (costs more than scoring one row; a cluster's ingress logs)
 
 
+Pod = tuple[str, str, str, str]  # CPU request, CPU limit, memory request, memory limit (Kubernetes quantities)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Pods of the KFP steps on a cluster (components/resources.py). Compiled into the pipeline spec, not run
+    parameters: `deeplight pipeline compile | submit | schedule --set cluster.train='["8","8","16Gi","16Gi"]'`.
+    Sized for a Criteo day (~45M rows); the steps stream their data, so memory grows with the vocabulary and the
+    model, not with the rows. The steps that time latency (evaluate, sweep_worker, sweep_select) request what
+    they limit, CPU and memory: the Guaranteed QoS class, which keeps other pods off their cores while they time."""
+
+    start_run: Pod = ("250m", "1", "512Mi", "1Gi")  # MLflow calls only
+    ingest: Pod = ("2", "4", "4Gi", "8Gi")  # parses and writes Parquet in parallel
+    hash_features: Pod = ("2", "4", "8Gi", "16Gi")  # value counts of every categorical field
+    train: Pod = ("4", "8", "8Gi", "16Gi")  # torch; the embedding table and Adam's moments
+    prune: Pod = ("4", "8", "8Gi", "16Gi")  # as train, plus the dense teacher and masks
+    evaluate: Pod = ("2", "2", "4Gi", "4Gi")  # latency timing: Guaranteed QoS
+    register: Pod = ("1", "2", "2Gi", "4Gi")  # compacts, exports and logs the model
+    promote: Pod = ("250m", "1", "512Mi", "1Gi")
+    finish_run: Pod = ("250m", "1", "512Mi", "1Gi")
+    sweep_init: Pod = ("500m", "1", "1Gi", "2Gi")
+    sweep_worker: Pod = ("4", "4", "16Gi", "16Gi")  # trains trials (as prune) and times them: Guaranteed QoS
+    sweep_select: Pod = ("2", "2", "4Gi", "4Gi")  # re-times the chosen trial: Guaranteed QoS
+    gpus: int = 0  # > 0: train, prune and the sweep workers ask for this many accelerators of gpu_type
+    gpu_type: str = "nvidia.com/gpu"
+
+
 # Sections a training or pruning run depends on (what its checkpoint and MLflow params record).
 MODEL_SECTIONS = ("data", "features", "model", "train", "prune")
 
@@ -161,6 +188,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

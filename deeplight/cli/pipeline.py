@@ -1,9 +1,15 @@
-"""`deeplight pipeline compile | run-local | submit`: the KFP pipeline (pipelines/deeplight_pipeline.py) from the
-command line. This module and the components are the only deeplight code that imports kfp (lazily).
+"""`deeplight pipeline compile | run-local | submit | schedule`: the KFP pipelines (pipelines/deeplight_pipeline.py,
+`--pipeline sweep`: pipelines/sweep_pipeline.py) from the command line. This module and the components are the
+only deeplight code that imports kfp (lazily).
 
-    deeplight pipeline compile [--out pipelines/deeplight_pipeline.yaml] [--image REGISTRY/deeplight:TAG]
+    deeplight pipeline compile [--pipeline sweep] [--out FILE] [--image REGISTRY/deeplight:TAG] [--gpus N]
     deeplight pipeline run-local [--input FILE ...] [--rows 300000] [--epochs 2] [pipeline settings]
     deeplight pipeline submit --host https://kfp.example.com --input s3://bucket/day_0.gz [--image ...] [settings]
+    deeplight pipeline schedule --cron '0 2 * * *' --host URL --input s3://bucket/latest.gz [settings]
+
+compile, submit and schedule compile in the pods' CPU/memory requests and limits and GPUs (Config section
+`cluster`, `--set cluster.KEY=VALUE`, `--gpus N`; components/resources.py); `schedule` uploads the package as
+a new version of the KFP pipeline and creates a recurring run of it.
 
 `run-local` (what `make run` does) runs the whole pipeline with kfp.local.SubprocessRunner in this venv: with
 no --input it generates the synthetic Criteo file once (data/default/), tracks into the embedded MLflow store
@@ -66,15 +72,33 @@ def _import_pipeline():
 
 # --- compile ---------------------------------------------------------------------------------------------
 
-def compile_pipeline(out: str | Path = DEFAULT_YAML, image: str | None = None) -> Path:
-    """Compile the pipeline to IR YAML; `image` replaces the image of every step (a registry image for a
-    cluster). Without it the YAML is byte-identical to the committed pipelines/deeplight_pipeline.yaml."""
+# --pipeline NAME -> (module in pipelines/, where a checkout keeps its compiled YAML)
+PIPELINES = {"deeplight": ("deeplight_pipeline", DEFAULT_YAML),
+             "sweep": ("sweep_pipeline", Path("pipelines") / "sweep_pipeline.yaml")}
+
+
+def pipeline_function(pipeline: str = "deeplight", cluster: Any = None) -> Any:
+    """The pipeline named `pipeline` (deeplight | sweep), its pods sized by `cluster` (a ClusterConfig; default:
+    Config().cluster, the committed YAML's)."""
+    import importlib
+
+    if pipeline not in PIPELINES:
+        raise DeeplightError(f"--pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
+    module = importlib.import_module(f"pipelines.{PIPELINES[pipeline][0]}")
+    return module.build(cluster) if cluster is not None else getattr(module, PIPELINES[pipeline][0])
+
+
+def compile_pipeline(out: str | Path | None = None, image: str | None = None, pipeline: str = "deeplight",
+                     cluster: Any = None) -> Path:
+    """Compile a pipeline (deeplight | sweep) to IR YAML; `image` replaces the image of every step (a registry
+    image for a cluster), `cluster` (a ClusterConfig) sizes its pods. Without them the YAML is byte-identical to
+    the committed one (pipelines/deeplight_pipeline.yaml, pipelines/sweep_pipeline.yaml)."""
     from kfp import compiler
 
-    module = _import_pipeline()
-    out = Path(out)
+    function = pipeline_function(pipeline, cluster)
+    out = Path(out or PIPELINES[pipeline][1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(module.deeplight_pipeline, str(out))
+    compiler.Compiler().compile(function, str(out))
     if image:
         _set_image(out, image)
     return out
@@ -309,45 +333,233 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
 
 
-# --- submit to a cluster ---------------------------------------------------------------------------------
+# --- the sweep pipeline's arguments ----------------------------------------------------------------------
 
-def submit(host: str | None, arguments: dict[str, Any], package: str | Path | None = None,
-           image: str | None = None, experiment: str = "deeplight", run_name: str | None = None,
-           namespace: str | None = None) -> dict[str, Any]:
-    """Upload the compiled pipeline to the KFP API at `host` and start a run with `arguments`. Without
-    `package`, or with `image`, the pipeline is compiled now. A bearer token, when needed, comes from the
-    environment variable KFP_TOKEN (never a flag: it would end up in shell history)."""
+# flag -> sweep pipeline parameter (the flags the two pipelines share, then the sweep's own)
+_SWEEP_FLAGS = {"dataset": "dataset", "split": "split", "seed": "seed", "min_count": "min_count",
+                "epochs": "epochs", "ramp_epochs": "ramp_epochs", "model_name": "model_name", "run_name": "run_name",
+                "n_trials": "n_trials", "workers": "workers", "study": "study", "storage": "storage",
+                "sampler": "sampler"}
+# --set sweep.KEY=VALUE -> sweep pipeline parameter, and how the value is written
+_SWEEP_SETS = {"sweep.study": ("study", str), "sweep.n_trials": ("n_trials", int), "sweep.sampler": ("sampler", str),
+               "sweep.tolerance": ("tolerance", float), "sweep.latency_calls": ("latency_calls", int),
+               "sweep.dnn": ("dnn_range", None), "sweep.field": ("field_range", None),
+               "sweep.embedding": ("embedding_range", None), "sweep.finetune_epochs": ("finetune_range", None),
+               "sweep.modes": ("modes", None)}
+
+
+def _joined(value: Any, sep: str) -> str:
+    return sep.join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def sweep_arguments(a: argparse.Namespace) -> dict[str, Any]:
+    """The sweep pipeline's arguments (pipelines/sweep_pipeline.py) from CLI flags: the settings it shares with
+    the deeplight pipeline, --n-trials/--workers/--study/--storage/--sampler, and `--set sweep.KEY=VALUE` for
+    the search space (sweep.dnn=[0.5,0.95], sweep.modes=["structured"], sweep.tolerance=0.002...). Checked now:
+    the run's Config and the sweep's settings, so a bad one fails before anything is submitted."""
+    from urllib.parse import urlsplit
+
+    from deeplight.base.config import parse_sets
+    from deeplight.steps.pipeline import parse_split, pipeline_config
+    from deeplight.steps.sweep import pipeline_settings
+
+    others = sorted(f"--{f.replace('_', '-')}" for f in _FLAGS
+                    if f not in _SWEEP_FLAGS and getattr(a, f, None) not in (None, False))
+    if others:
+        raise DeeplightError(f"{', '.join(others)}: not settings of the sweep pipeline (it searches the sparsity "
+                             "targets and mode; set their ranges with --set sweep.dnn=[LOW,HIGH] ...)")
+    args: dict[str, Any] = {p: getattr(a, f) for f, p in _SWEEP_FLAGS.items() if getattr(a, f, None) is not None}
+    if getattr(a, "input", None):
+        args["input_uris"] = list(a.input)
+    sets = parse_sets(getattr(a, "set_items", None))
+    if sets:
+        args["config_overrides"] = json.dumps(sets)
+    for key, (param, kind) in _SWEEP_SETS.items():
+        if key in sets:
+            args[param] = kind(sets[key]) if kind else _joined(sets[key], "," if param == "modes" else ":")
+    if "split" in args:
+        args["split"] = ",".join(str(x) for x in parse_split(args["split"]))
+    if urlsplit(args.get("storage", "")).password:
+        raise DeeplightError("--storage: a password would be stored in the run's parameters; leave --storage out "
+                             "and give the step pods $DEEPLIGHT_OPTUNA_STORAGE (README: On a cluster)")
+    pipeline_config(**{k: args.get(k) for k in ("dataset", "split", "seed", "min_count", "epochs", "ramp_epochs")},
+                    overrides=args.get("config_overrides"))
+    pipeline_settings(args.get("study") or "check", **{k: args[k] for k in ("n_trials", "sampler", "tolerance", "dnn_range",
+                                               "field_range", "embedding_range", "modes", "finetune_range",
+                                               "latency_calls") if k in args}).validate()
+    if args.get("workers", 1) < 1:
+        raise DeeplightError(f"--workers: want at least 1, got {args['workers']}")
+    return args
+
+
+def cluster_from(a: argparse.Namespace) -> Any:
+    """The ClusterConfig to compile with: Config().cluster, `--set cluster.KEY=VALUE` and --gpus; None when
+    nothing was given (the committed pipeline's sizes)."""
+    from deeplight.base.config import Config, parse_sets
+
+    sets = {k: v for k, v in parse_sets(getattr(a, "set_items", None)).items() if k.startswith("cluster.")}
+    if getattr(a, "gpus", None) is not None:
+        sets["cluster.gpus"] = a.gpus
+    return Config().replace(**sets).cluster if sets else None
+
+
+def arguments_for(a: argparse.Namespace) -> dict[str, Any]:
+    """The chosen pipeline's arguments (`--pipeline deeplight | sweep`). With --gpus and no --device, the
+    training steps run with train.device=cuda: a pod whose torch cannot see its GPU then fails instead of
+    training on its CPU."""
+    if getattr(a, "gpus", None) and not any(s.startswith("train.device=") for s in a.set_items or []):
+        a.set_items = ["train.device=cuda", *(a.set_items or [])]
+    if a.pipeline == "sweep":
+        return sweep_arguments(a)
+    sweep_only = [f"--{f.replace('_', '-')}" for f in ("n_trials", "workers", "study", "storage", "sampler")
+                  if getattr(a, f, None) is not None]
+    if sweep_only:
+        raise DeeplightError(f"{', '.join(sweep_only)}: settings of the sweep pipeline (--pipeline sweep)")
+    return pipeline_arguments(a)
+
+
+# --- submit to a cluster, or schedule it -----------------------------------------------------------------
+
+def _client(host: str | None, namespace: str | None) -> Any:
     import kfp
 
+    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": on every call
+        warnings.simplefilter("ignore", FutureWarning)
+        return kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KFP_TOKEN") or None)
+
+
+@contextlib.contextmanager
+def _package(what: str, host: str | None, arguments: dict[str, Any], package: str | Path | None,
+             image: str | None, pipeline: str, cluster: Any) -> Any:
+    """The pipeline package to send (compiled now without `package`, or with `image` or `cluster`), after the
+    checks that need no server; the server's errors as one DeeplightError."""
     if not arguments.get("input_uris"):
-        raise DeeplightError("submit: give the input data with --input (s3:// URIs the cluster can read)")
+        raise DeeplightError(f"{what}: give the input data with --input (s3:// URIs the cluster can read)")
     if not (host or os.environ.get("KF_PIPELINES_ENDPOINT")):
-        raise DeeplightError("submit: give the KFP API with --host URL (or KF_PIPELINES_ENDPOINT)")
+        raise DeeplightError(f"{what}: give the KFP API with --host URL (or KF_PIPELINES_ENDPOINT)")
     with tempfile.TemporaryDirectory() as tmp:
-        if package is None or image:
+        if package is None or image or cluster is not None:
             if package is not None:
-                raise DeeplightError("submit: --image recompiles the pipeline; do not combine it with --package")
-            package = compile_pipeline(Path(tmp) / "deeplight_pipeline.yaml", image=image)
+                raise DeeplightError(f"{what}: --image, --gpus and --set cluster.* recompile the pipeline; do not "
+                                     "combine them with --package")
+            package = compile_pipeline(Path(tmp) / f"{pipeline}.yaml", image=image, pipeline=pipeline,
+                                       cluster=cluster)
         elif not Path(package).is_file():
             raise DeeplightError(f"{package}: no such pipeline package")
         try:
-            with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": on every call
-                warnings.simplefilter("ignore", FutureWarning)
-                client = kfp.Client(host=host, namespace=namespace,
-                                    existing_token=os.environ.get("KFP_TOKEN") or None)
-            result = client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name or arguments.get("run_name") or None,
-                experiment_name=experiment, namespace=namespace, enable_caching=False)
+            yield str(package)
         except Exception as e:  # connection refused, 4xx/5xx from the API: the user's host or cluster
             if type(e).__module__.split(".")[0] in ("kfp", "kfp_server_api", "urllib3", "requests"):
-                raise DeeplightError(f"submit to {host}: {type(e).__name__}: {str(e).strip()[:500]}") from None
+                raise DeeplightError(f"{what} to {host}: {type(e).__name__}: {str(e).strip()[:500]}") from None
             raise
+
+
+def submit(host: str | None, arguments: dict[str, Any], package: str | Path | None = None,
+           image: str | None = None, experiment: str = "deeplight", run_name: str | None = None,
+           namespace: str | None = None, pipeline: str = "deeplight", cluster: Any = None) -> dict[str, Any]:
+    """Start a run of `pipeline` (deeplight | sweep) with `arguments` on the KFP API at `host`. Without
+    `package`, or with `image` or `cluster`, the pipeline is compiled now. A bearer token, when needed, comes
+    from the environment variable KFP_TOKEN (never a flag: it would end up in shell history)."""
+    with _package("submit", host, arguments, package, image, pipeline, cluster) as path:
+        result = _client(host, namespace).create_run_from_pipeline_package(
+            path, arguments=arguments, run_name=run_name or arguments.get("run_name") or None,
+            experiment_name=experiment, namespace=namespace, enable_caching=False)
     run_id = result.run_id
     return {"run_id": run_id, "run_url": f"{(host or '').rstrip('/')}/#/runs/details/{run_id}",
-            "experiment": experiment, "arguments": arguments}
+            "experiment": experiment, "arguments": arguments, "pipeline": pipeline}
+
+
+def cron_expression(text: str) -> str:
+    """KFP's cron has a seconds field first: a usual 5-field expression (`0 2 * * *`, 02:00 every day) gets
+    `0 ` in front; 6 fields are taken as they are."""
+    fields = text.split()
+    if len(fields) == 5:
+        fields.insert(0, "0")
+    if len(fields) != 6:
+        raise DeeplightError(f"--cron {text!r}: want 5 fields (minute hour day-of-month month day-of-week, e.g. "
+                             "'0 2 * * *') or KFP's 6 (seconds first)")
+    return " ".join(fields)
+
+
+def schedule(host: str | None, arguments: dict[str, Any], cron: str, name: str | None = None,
+             package: str | Path | None = None, image: str | None = None, experiment: str = "deeplight",
+             namespace: str | None = None, pipeline: str = "deeplight", cluster: Any = None,
+             max_concurrency: int = 1, catchup: bool = False) -> dict[str, Any]:
+    """A recurring run of `pipeline` on the KFP API at `host`: the package is uploaded as a new version of the
+    KFP pipeline named like it (created on first use), then a recurring run of that version is created in
+    `experiment` with `arguments`, on the `cron` schedule (`cron_expression`), at most `max_concurrency` runs
+    at a time, without catching up missed runs unless `catchup`. Caching is off, as for `submit`."""
+    cron = cron_expression(cron)
+    if max_concurrency < 1:
+        raise DeeplightError(f"--max-concurrency: want at least 1, got {max_concurrency}")
+    with _package("schedule", host, arguments, package, image, pipeline, cluster) as path:
+        import yaml
+
+        pipeline_name = yaml.safe_load(Path(path).read_text())["pipelineInfo"]["name"]
+        version = f"{pipeline_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        client = _client(host, namespace)
+        pipeline_id = client.get_pipeline_id(pipeline_name)
+        if pipeline_id is None:  # the first upload creates the pipeline with this package as its first version
+            pipeline_id = client.upload_pipeline(path, pipeline_name=pipeline_name, namespace=namespace).pipeline_id
+            version_id = client.list_pipeline_versions(pipeline_id).pipeline_versions[0].pipeline_version_id
+        else:
+            version_id = client.upload_pipeline_version(path, version, pipeline_id=pipeline_id).pipeline_version_id
+        experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+        job = name or f"{pipeline_name}-recurring"
+        created = client.create_recurring_run(
+            experiment_id, job, cron_expression=cron, params=arguments, pipeline_id=pipeline_id,
+            version_id=version_id, max_concurrency=max_concurrency, no_catchup=not catchup, enable_caching=False)
+    return {"recurring_run_id": created.recurring_run_id, "name": job, "cron": cron, "pipeline": pipeline,
+            "pipeline_id": pipeline_id, "pipeline_version_id": version_id, "experiment": experiment,
+            "url": f"{(host or '').rstrip('/')}/#/recurringrun/details/{created.recurring_run_id}",
+            "arguments": arguments}
 
 
 # --- argparse (no kfp import: `deeplight --help` stays fast) ---------------------------------------------
+
+class _DeviceSetting(argparse.Action):
+    """--device X: `train.device=X` in front of the --set items (an explicit --set train.device still wins)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, value: Any, option: Any = None) -> None:
+        namespace.set_items = [f"train.device={value}", *(getattr(namespace, "set_items", None) or [])]
+
+
+def add_cluster_options(sp: argparse.ArgumentParser) -> None:
+    """--pipeline and the compile-time pod settings (compile, submit, schedule)."""
+    from deeplight.cli.options import DEFAULTS as D
+
+    sp.add_argument("--pipeline", choices=sorted(PIPELINES), default="deeplight",
+                    help="deeplight (train, prune, evaluate, register) or sweep (Optuna sparsity sweep)")
+    sp.add_argument("--gpus", type=int, help=f"GPUs ({D.cluster.gpu_type}) for each train, prune and sweep worker "
+                                             "pod (needs an image with a CUDA build of torch; default: none)")
+
+
+def add_remote_options(sp: argparse.ArgumentParser, input_note: str = "") -> None:
+    """submit's and schedule's options: the KFP API, the data, the package, and every setting of both pipelines."""
+    sp.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT); token from $KFP_TOKEN")
+    sp.add_argument("--input", nargs="+", help=f"raw files the cluster can read (s3://bucket/key){input_note}")
+    sp.add_argument("--package", help="a compiled pipeline YAML (default: compile now)")
+    sp.add_argument("--image", help="image of every step, e.g. REGISTRY/deeplight:TAG (compiles now)")
+    sp.add_argument("--experiment", default="deeplight", help="KFP experiment")
+    sp.add_argument("--namespace", help="Kubeflow namespace (multi-user clusters)")
+    add_cluster_options(sp)
+    add_pipeline_settings(sp)
+    add_sweep_settings(sp)
+
+
+def add_sweep_settings(sp: argparse.ArgumentParser) -> None:
+    from deeplight.cli.options import DEFAULTS as D
+
+    g = sp.add_argument_group("sweep pipeline settings (--pipeline sweep; the search space: --set sweep.dnn=[LOW,"
+                              "HIGH], sweep.field, sweep.embedding, sweep.modes, sweep.finetune_epochs, "
+                              "sweep.tolerance)")
+    g.add_argument("--n-trials", type=int, help=f"COMPLETE trials over all workers (default {D.sweep.n_trials})")
+    g.add_argument("--workers", type=int, help="parallel sweep worker pods (default 2)")
+    g.add_argument("--study", help="Optuna study name; a name given again resumes it (default: sweep-<KFP run id>)")
+    g.add_argument("--storage", help="Optuna RDB URL every worker reaches, without a password (default: the pods' "
+                                     "$DEEPLIGHT_OPTUNA_STORAGE)")
+    g.add_argument("--sampler", choices=["tpe", "nsga2", "random"], help=f"default {D.sweep.sampler}")
+
 
 def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
     from deeplight.cli.options import DEFAULTS as D
@@ -371,6 +583,9 @@ def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--ramp-epochs", type=float, help=f"epochs over which sparsity ramps up (default {D.prune.ramp_epochs})")
     g.add_argument("--finetune-epochs", type=int,
                    help=f"epochs at full sparsity after the ramp (default {D.prune.finetune_epochs})")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], action=_DeviceSetting,
+                   help=f"where train and prune run (Config train.device, default {D.train.device}: a CUDA GPU "
+                        "when torch sees one; with --gpus: cuda)")
     add_set(g)
     g.add_argument("--model-name", help=f"registered model name (default {D.registry.model_name})")
     g.add_argument("--promote", action="store_true", help="run the promotion gate after registering")
@@ -384,8 +599,13 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
     sp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML",
                         description="compile the pipeline to KFP IR YAML")
-    sp.add_argument("--out", default=str(DEFAULT_YAML), help="default: pipelines/deeplight_pipeline.yaml")
+    sp.add_argument("--out", help="default: pipelines/deeplight_pipeline.yaml (--pipeline sweep: "
+                                  "pipelines/sweep_pipeline.yaml)")
     sp.add_argument("--image", help="image of every step (default deeplight:local), e.g. REGISTRY/deeplight:TAG")
+    add_cluster_options(sp)
+    sp.add_argument("--set", action="append", metavar="cluster.KEY=VALUE", dest="set_items",
+                    help="pod settings (Config section cluster), e.g. cluster.train='[\"8\",\"8\",\"16Gi\",\"16Gi\"]' "
+                         "(CPU request, CPU limit, memory request, memory limit); repeatable")
 
     sp = sub.add_parser("run-local", help="run the whole pipeline locally (kfp.local), tracked in ./mlruns",
                         description="run the whole pipeline locally with kfp.local.SubprocessRunner (make run)")
@@ -399,18 +619,25 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
     sp = sub.add_parser("submit", help="upload the pipeline to a KFP cluster and start a run",
                         description="upload the compiled pipeline to a KFP API (kfp.Client) and start a run")
-    sp.add_argument("--host", help="KFP API URL (default: $KF_PIPELINES_ENDPOINT); token from $KFP_TOKEN")
-    sp.add_argument("--input", nargs="+", help="raw files the cluster can read (s3://bucket/key)")
-    sp.add_argument("--package", help="a compiled pipeline YAML (default: compile now)")
-    sp.add_argument("--image", help="image of every step, e.g. REGISTRY/deeplight:TAG (compiles now)")
-    sp.add_argument("--experiment", default="deeplight", help="KFP experiment")
-    sp.add_argument("--namespace", help="Kubeflow namespace (multi-user clusters)")
-    add_pipeline_settings(sp)
+    add_remote_options(sp)
+
+    sp = sub.add_parser("schedule", help="upload the pipeline to a KFP cluster and create a recurring run (cron)",
+                        description="upload the compiled pipeline as a new version of the KFP pipeline and create "
+                                    "a recurring run of it (kfp.Client.create_recurring_run)")
+    sp.add_argument("--cron", required=True, help="when: '0 2 * * *' (02:00 every day; KFP's 6-field form, "
+                                                  "seconds first, is taken as is)")
+    sp.add_argument("--name", help="the recurring run's name (default: PIPELINE-recurring)")
+    sp.add_argument("--max-concurrency", type=int, default=1, help="runs of the schedule at a time (default 1)")
+    sp.add_argument("--catchup", action="store_true", help="start the runs missed while paused (default: skip)")
+    add_remote_options(sp, " (read anew by every run)")
 
 
 def main(a: argparse.Namespace) -> None:
     if a.pipeline_command == "compile":
-        print(compile_pipeline(a.out, image=a.image))
+        if any(not item.startswith("cluster.") for item in a.set_items or []):
+            raise DeeplightError("compile --set: only cluster.* settings are compiled in (the others are run "
+                                 "parameters: give them to run-local, submit or schedule)")
+        print(compile_pipeline(a.out, image=a.image, pipeline=a.pipeline, cluster=cluster_from(a)))
     elif a.pipeline_command == "run-local":
         defaults = dict(LOCAL_DEFAULTS)
         if not a.input:
@@ -419,6 +646,11 @@ def main(a: argparse.Namespace) -> None:
         summary = run_local(pipeline_arguments(a, defaults), pipeline_root=a.pipeline_root, verbose=a.verbose)
         print_summary(summary)
     elif a.pipeline_command == "submit":
-        result = submit(a.host, pipeline_arguments(a), package=a.package, image=a.image, experiment=a.experiment,
-                        run_name=a.run_name, namespace=a.namespace)
+        result = submit(a.host, arguments_for(a), package=a.package, image=a.image, experiment=a.experiment,
+                        run_name=a.run_name, namespace=a.namespace, pipeline=a.pipeline, cluster=cluster_from(a))
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif a.pipeline_command == "schedule":
+        result = schedule(a.host, arguments_for(a), a.cron, name=a.name, package=a.package, image=a.image,
+                          experiment=a.experiment, namespace=a.namespace, pipeline=a.pipeline,
+                          cluster=cluster_from(a), max_concurrency=a.max_concurrency, catchup=a.catchup)
         print(json.dumps(result, indent=2, sort_keys=True))
