@@ -108,15 +108,19 @@ def cmd_train(a: argparse.Namespace) -> None:
     from deeplight.model.train import train
 
     cfg = config_from(a, Config())
-    result = train(a.data, a.out, cfg, tracker=_tracker(a))
+    result = train(a.data, a.out, cfg, tracker=_tracker(a, data_dir=a.data, system_metrics=True),
+                   run_name=_run_name("train", a.data, cfg.model.kind))
     _print_json({k: v for k, v in result.items() if k != "history"})
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
     from deeplight.model.prune import config_of, prune
 
+    from deeplight.steps.pipeline import prune_label
+
     cfg = config_from(a, config_of(a.dense))
-    result = prune(a.dense, a.data, a.out, cfg, tracker=_tracker(a))
+    result = prune(a.dense, a.data, a.out, cfg, tracker=_tracker(a, data_dir=a.data, system_metrics=True),
+                   run_name=_run_name("prune", a.data, cfg.model.kind, prune_label(cfg)))
     _print_json({k: v for k, v in result.items() if k != "history"})
 
 
@@ -212,7 +216,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
           f"v1: /v1/models/{a.name}:predict)", flush=True)
     serve(model, name=a.name, host=s.host, port=s.port, threads=s.threads, access_log=s.access_log)
 
-def _tracker(a: argparse.Namespace):
+def _tracker(a: argparse.Namespace, data_dir: str | None = None, system_metrics: bool = False):
+    """The command's MLflow tracker (None with --no-mlflow); `data_dir`: the hashed dataset logged as the runs'
+    inputs; `system_metrics`: MLflow's CPU/memory/disk samples on training runs."""
     if a.no_mlflow:
         return None
     from deeplight.ops.tracking import MlflowTracker

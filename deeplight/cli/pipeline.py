@@ -119,7 +119,7 @@ def _set_image(path: Path, image: str) -> None:
 def pipeline_arguments(a: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pipeline's arguments from CLI flags (unset flags: `defaults`, then the pipeline's defaults),
     validated now by building the run's Config, so a bad setting fails before anything runs."""
-    from deeplight.steps.pipeline import parse_split, pipeline_config
+    from deeplight.steps.pipeline import parse_split
 
     args: dict[str, Any] = dict(defaults or {})
     for flag, param in _FLAGS.items():
@@ -134,12 +134,19 @@ def pipeline_arguments(a: argparse.Namespace, defaults: dict[str, Any] | None = 
         args["config_overrides"] = json.dumps(parse_sets(a.set_items))
     if "split" in args:
         args["split"] = ",".join(str(x) for x in parse_split(args["split"]))
-    pipeline_config(**{k: args.get(k) for k in ("dataset", "split", "split_mode", "seed", "min_count", "buckets",
-                                                 "epochs", "dnn_sparsity", "field_sparsity",
-                                                 "embedding_sparsity", "prune_mode", "ramp_epochs",
-                                                 "finetune_epochs")},
-                    overrides=args.get("config_overrides"))
+    config_of(args)
     return args
+
+
+def config_of(args: dict[str, Any]):
+    """The run's Config from the pipeline's arguments (what `start_run` will build); checked."""
+    from deeplight.steps.pipeline import pipeline_config
+
+    return pipeline_config(**{k: args.get(k) for k in ("dataset", "split", "split_mode", "seed", "min_count",
+                                                        "buckets", "epochs", "dnn_sparsity", "field_sparsity",
+                                                        "embedding_sparsity", "prune_mode", "ramp_epochs",
+                                                        "finetune_epochs")},
+                           overrides=args.get("config_overrides"))
 
 
 # --- run locally -----------------------------------------------------------------------------------------
@@ -234,9 +241,12 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
     local_environment(mlruns)
     arguments = dict(arguments)
     arguments["input_uris"] = [u if "://" in u else str(Path(u).absolute()) for u in arguments["input_uris"]]
-    # A unique MLflow run name: how this process finds the parent run the pipeline opened.
+    # A unique MLflow run name saying what the run trains (dataset, model, sparsity targets, date), with a random
+    # suffix: how this process finds the parent run the pipeline opened.
     if not arguments.get("run_name"):
-        arguments["run_name"] = time.strftime("local-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        from deeplight.steps.pipeline import pipeline_run_name
+
+        arguments["run_name"] = pipeline_run_name(config_of(arguments), suffix=uuid.uuid4().hex[:4])
     root = Path(pipeline_root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
@@ -295,7 +305,7 @@ def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
         rows[variant] = {k[len(variant) + 1:]: v for k, v in m.items() if k.startswith(variant + "_")}
     return {
         "run_name": parent.info.run_name, "parent_run_id": parent.info.run_id, "status": parent.info.status,
-        "children": {r.info.run_name: r.info.run_id for r in children},
+        "children": {step_of(r): r.info.run_id for r in children},
         "registered": parent.data.tags.get(REGISTERED_TAG, ""),
         "rows": rows, "tracking_uri": redact(tracking_uri()),  # printed: never user:password@
     }
@@ -304,6 +314,16 @@ def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
 # (column, metric on the parent run without the variant prefix, scale, format): what deeplight.evaluation.evaluate measured
 TABLE_COLUMNS = (("test AUC", "test_auc", 1, "{:.4f}"), ("test logloss", "test_logloss", 1, "{:.4f}"),
                  ("latency batch 1 (us)", "latency_us_b1", 1, "{:.1f}"),
+def step_of(run: Any) -> str:
+    """Which step a child run is (`ingest`, `train`, `evaluate-dense`, `register`...): its step tag (and
+    variant, for evaluations), whatever its descriptive name."""
+    from deeplight.steps.pipeline import STEP_TAG, VARIANT_TAG
+
+    tags = run.data.tags
+    step = tags.get(STEP_TAG) or tags.get("stage") or run.info.run_name
+    return f"{step}-{tags[VARIANT_TAG]}" if step == "evaluate" and tags.get(VARIANT_TAG) else step
+
+
                  ("latency batch 4096 (ms)", "latency_us_b4096", 1e-3, "{:.2f}"),
                  ("size (KB)", "model_bytes", 1 / 1024, "{:,.0f}"),
                  ("nonzero params", "params_nonzero", 1, "{:,.0f}"))

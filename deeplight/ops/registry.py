@@ -1,9 +1,9 @@
 """MLflow model registry: log evaluations, register a model that scores raw rows, promote it behind a gate.
 
     from deeplight.ops.registry import log_evaluation, register_model, promote
-    reg = register_model("out/pruned", "data/hashed", "deeplight-criteo", parent_run_id=run_id)  # -> challenger
-    decision = promote("deeplight-criteo", tolerance=0.001, latency_slo_us=50)            # challenger -> champion?
-    model = mlflow.pyfunc.load_model("models:/deeplight-criteo@champion")
+    reg = register_model("out/pruned", "data/hashed", "deeplight-ctr", parent_run_id=run_id)  # -> challenger
+    decision = promote("deeplight-ctr", tolerance=0.001, latency_slo_us=50)            # challenger -> champion?
+    model = mlflow.pyfunc.load_model("models:/deeplight-ctr@champion")
     model.predict(raw_rows_df)      # columns of the raw dataset (label optional) -> click probabilities
 
 The registered model is a pyfunc (`RawRowsModel`) over raw rows, the original Criteo/Avazu columns as strings
@@ -30,22 +30,23 @@ feature-map fingerprints, the code version and the parent pipeline run; `promoti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from deeplight.base.config import PromoteConfig
+from deeplight.base.config import MODEL_SECTIONS, Config, PromoteConfig
 from deeplight.base.errors import DeeplightError
 from deeplight.ops.pyfunc import MODEL_CODE, RawRowsModel, input_example, signature
-from deeplight.ops.tracking import MlflowTracker, client, redact, tracking_uri
+from deeplight.ops.tracking import MlflowTracker, client, log_splits, model_label, redact, run_label, tracking_uri
 
 _PROMOTE = PromoteConfig()
 SERVED_TAG = "served_latency_us_1row"  # the gate's latency: one raw row through the registered pyfunc
@@ -58,21 +59,56 @@ _AUC_SLACK = 1e-12  # "not more than tolerance below" must hold for an AUC exact
 
 # --- evaluation runs -------------------------------------------------------------------------------------
 
-def log_evaluation(metrics: dict, plots_dir: str | None, tracker: Any) -> None:
-    """One MLflow run (`evaluate-<split>`) with the evaluation as metrics, tags, evaluation.json and plots."""
+def log_evaluation(metrics: dict, plots_dir: str | None, tracker: Any, name: str | None = None) -> None:
+    """One MLflow run with an evaluation already made: metrics, tags, evaluation.json and plots. Prefer
+    `evaluate_tracked`, whose run lasts as long as the evaluation."""
+    evaluate_tracked(lambda: metrics, plots_dir, tracker, name)
+
+
+def evaluate_tracked(evaluate: Callable[[], dict], plots_dir: str | Path | None, tracker: Any,
+                     name: str | None = None) -> dict:
+    """Run `evaluate()` inside its MLflow run (default name `evaluate-<split>`: give a better one), so that the
+    run's duration is the evaluation's, and log its result there; without a tracker just evaluate."""
     if tracker is None:
-        return
-    with tracker.run(f"evaluate-{metrics.get('split', 'test')}", tags={"stage": "evaluate"}) as log:
+        return evaluate()
+    with tracker.run(name or "evaluate-test", tags={"stage": "evaluate"}) as log:
+        metrics = evaluate()
         _log_evaluation_to(log, metrics, plots_dir)
+    return metrics
 
 
-def _log_evaluation_to(log: Any, metrics: dict, plots_dir: str | Path | None) -> None:
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """`model_label` of a checkpoint: dataset, model kind, and dense or its pruning targets."""
+    from deeplight.model import checkpoint as ckpt_io
+
+    ck = ckpt_io.load(checkpoint)
+    cfg = json.loads(ck.get("config") or "{}")
+    pruned = bool((ck.get("extra") or {}).get("masks"))
+    return model_label(ck.get("dataset", ""), (ck.get("spec") or {}).get("kind", "model"),
+                       cfg.get("prune") if pruned else None)
+
+
+def _log_evaluation_to(log: Any, metrics: dict, plots_dir: str | Path | None, paths_as_params: bool = True) -> None:
+    """The evaluation on an open run: metrics, tags (with the host the latency was measured on), the evaluated
+    data as the run's dataset input, evaluation.json and plots. `paths_as_params=False` (a run that logs a
+    model, whose params MLflow copies onto the LoggedModel): the checkpoint and data paths become tags."""
     from deeplight.evaluation.evaluate import flat_metrics
 
-    log.log_params({k: metrics[k] for k in ("checkpoint", "data_dir", "split") if k in metrics})
+    paths = {k: metrics[k] for k in ("checkpoint", "data_dir", "input") if k in metrics}
+    log.log_params({"split": metrics["split"]} if "split" in metrics else {})
+    if paths_as_params:
+        log.log_params(paths)
+    else:
+        log.set_tags({f"deeplight.{k}": v for k, v in paths.items()})
     log.set_tags({k: metrics[k] for k in ("dataset", "feature_map_fingerprint", "data_fingerprint",
                                           "eval_data_fingerprint", "code_version", "pruned") if k in metrics})
+    if metrics.get("latency_us"):
+        log.set_tags(machine_tags())
     log.log_metrics(flat_metrics(metrics))
+    if getattr(log, "client", None) is not None and metrics.get("data_dir") and metrics.get("split"):
+        with contextlib.suppress(DeeplightError, OSError):  # the data may be gone (a temp folder): no input then
+            log_splits(log.client, log.run_id, metrics["data_dir"], (metrics["split"],),
+                       source=metrics.get("input"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.json"
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -164,7 +200,9 @@ def register_model(checkpoint: str, data_dir: str, name: str, metrics: dict | No
         metrics = {**metrics, "checkpoint": str(ckpt)}  # the same file: one `checkpoint` param on the run
 
     mlflow.set_tracking_uri(tracking_uri())
-    tracker = MlflowTracker(parent_run_id=parent_run_id)
+    tracker = MlflowTracker(parent_run_id=parent_run_id, data_dir=data_dir)
+    label = checkpoint_label(ckpt)  # what the model is: its LoggedModel's name
+    hyper = Config.from_dict(json.loads(ck.get("config") or "{}")).flat(MODEL_SECTIONS)
     with tempfile.TemporaryDirectory() as tmp:
         plots = None
         if metrics is None:
@@ -177,14 +215,16 @@ def register_model(checkpoint: str, data_dir: str, name: str, metrics: dict | No
         RawRowsModel().load(artifacts["compact"], artifacts["feature_map"])  # fail here, not in the registry
         run_tags = {"stage": "register", "registered_model": name, "dataset": fmap.dataset,
                     "feature_map_fingerprint": fp}
-        with tracker.run("register", tags=run_tags) as log:
-            _log_evaluation_to(log, metrics, plots)
-            log.log_params({"checkpoint": str(ckpt), "registered_model": name})
+        with tracker.run(run_label("register", name, label), tags=run_tags) as log:
+            # The run's params are the model's settings: MLflow copies them onto the LoggedModel.
+            _log_evaluation_to(log, metrics, plots, paths_as_params=False)
+            log.log_params({**hyper, "registered_model": name})
+            log.set_tags({"deeplight.checkpoint": str(ckpt)})
             with mlflow.start_run(run_id=log.run_id, nested=mlflow.active_run() is not None):
                 code = Path(tmp) / "deeplight_model.py"
                 code.write_text(MODEL_CODE)
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(code), artifacts=artifacts,
+                    name=label, python_model=str(code), artifacts=artifacts,
                     code_paths=[str(Path(__file__).resolve().parents[1])],
                     signature=signature(get_schema(fmap.dataset)), input_example=input_example(fmap),
                     pip_requirements=_pip_requirements(), registered_model_name=name)

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from deeplight.base.config import Config
 from deeplight.base.errors import DeeplightError
+from deeplight.base.redact import redact
 
 ERROR_TAG = "deeplight.error"
 STEP_TAG = "deeplight.step"
@@ -123,9 +124,10 @@ def _config(config_json: str) -> Config:
 
 # --- MLflow: parent and child runs -----------------------------------------------------------------------
 
-def _tracker(parent_run_id: str | None, step: str, variant: str | None = None, name: str | None = None):
+def _tracker(parent_run_id: str | None, step: str, variant: str | None = None, name: str | None = None,
+             data_dir: str | None = None, system_metrics: bool = False):
     """An MlflowTracker whose runs are children of `parent_run_id`, carry the step's tags and, with `name`,
-    that run name (two evaluations of one pipeline run stay apart: evaluate-dense, evaluate-pruned)."""
+    that run name; `data_dir`: the hashed dataset logged as the runs' inputs; `system_metrics` for training."""
     from deeplight.ops.tracking import MlflowTracker
 
     step_tags = {STEP_TAG: step, **({VARIANT_TAG: variant} if variant else {})}
@@ -134,19 +136,36 @@ def _tracker(parent_run_id: str | None, step: str, variant: str | None = None, n
         def run(self, run_name: str, resume_id: str | None = None, tags: dict[str, Any] | None = None):
             return super().run(name or run_name, resume_id=resume_id, tags={**(tags or {}), **step_tags})
 
-    return StepTracker(parent_run_id=parent_run_id or None)
+    return StepTracker(parent_run_id=parent_run_id or None, data_dir=data_dir, system_metrics=system_metrics)
+
+
+def prune_label(cfg: Config) -> str:
+    """The pruning part of a run name: the targets, or the accuracy budget when the targets are searched."""
+    from deeplight.ops.tracking import sparsity_label
+
+    if cfg.prune.max_auc_loss is not None:
+        return f"max-auc-loss{cfg.prune.max_auc_loss:g}".replace(".", "p")
+    return sparsity_label(cfg.prune)
+
+
+def pipeline_run_name(cfg: Config, suffix: str = "", when: float | None = None) -> str:
+    """A parent run's name from what it trains: `criteo-deepfwfm-dnn90-field90-emb40-20261206-2253-<suffix>`."""
+    from deeplight.ops.tracking import run_label
+
+    return run_label(cfg.data.dataset, cfg.model.kind, prune_label(cfg), when=when, suffix=suffix)
 
 
 def start_pipeline_run(config_json: str, run_name: str = "", kfp_run_id: str = "",
                        params: dict[str, Any] | None = None) -> str:
     """Open the parent MLflow run of one pipeline run; returns its id. Params: the whole config (flat) plus
-    the pipeline's own parameters (`params`, e.g. inputs and model name; secrets redacted)."""
+    the pipeline's own parameters (`params`, e.g. inputs and model name; secrets redacted). Its name: `run_name`,
+    else `pipeline_run_name` with the KFP run id's first 8 characters."""
     from deeplight.base.provenance import code_version
     from deeplight.ops.tracking import MlflowRunLog, MlflowTracker
 
     cfg = _config(config_json)
     tracker = MlflowTracker()
-    name = run_name or (f"pipeline-{kfp_run_id}" if kfp_run_id else "pipeline")
+    name = run_name or pipeline_run_name(cfg, suffix=kfp_run_id[:8])
     run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags={
         KIND_TAG: PIPELINE_KIND, KFP_RUN_TAG: kfp_run_id, RUN_NAME_TAG: name, "code_version": code_version(),
         "dataset": cfg.data.dataset})
@@ -259,9 +278,12 @@ def train_step(hashed_dir: str, config_json: str, out_dir: str, parent_run_id: s
     """Train the dense model; child run `train` (per-epoch metrics, checkpoint, learning curve)."""
     from deeplight.model.train import train
 
+    from deeplight.ops.tracking import run_label
+
     with step("train", parent_run_id):
         cfg = _config(config_json)
-        return train(hashed_dir, out_dir, cfg, tracker=_tracker(parent_run_id, "train", "dense"), run_name="train")
+        return train(hashed_dir, out_dir, cfg, run_name=run_label("train", cfg.data.dataset, cfg.model.kind),
+                     tracker=_tracker(parent_run_id, "train", "dense", data_dir=hashed_dir, system_metrics=True))
 
 
 def prune_step(dense_dir: str, hashed_dir: str, config_json: str, out_dir: str,
@@ -269,27 +291,33 @@ def prune_step(dense_dir: str, hashed_dir: str, config_json: str, out_dir: str,
     """Prune the dense model to cfg.prune's targets and fine-tune; child run `prune`."""
     from deeplight.model.prune import prune
 
+    from deeplight.ops.tracking import run_label
+
     with step("prune", parent_run_id):
         cfg = _config(config_json)
         return prune(Path(dense_dir) / "best.pt", hashed_dir, out_dir, cfg,
-                     tracker=_tracker(parent_run_id, "prune", "pruned"), run_name="prune")
+                     run_name=run_label("prune", cfg.data.dataset, cfg.model.kind, prune_label(cfg)),
+                     tracker=_tracker(parent_run_id, "prune", "pruned", data_dir=hashed_dir, system_metrics=True))
 
 
 def evaluate_step(model_dir: str, hashed_dir: str, variant: str, out_dir: str,
                   parent_run_id: str) -> dict[str, Any]:
     """Score a model on the test split as it is served (compact engine): AUC, logloss, latency, size, sparsity;
-    child run `evaluate-<variant>`. Its flat metrics (`test_auc`, `latency_us_b1`, `model_bytes`, ...) are also
+    child run `evaluate-<variant>-<what the model is>-<date>`, open while the evaluation runs. Its flat metrics (`test_auc`, `latency_us_b1`, `model_bytes`, ...) are also
     copied onto the parent run as `<variant>_<metric>`. Writes out_dir/metrics.json and out_dir/plots/."""
     from deeplight.evaluation.evaluate import evaluate_model, flat_metrics
-    from deeplight.ops.registry import log_evaluation
+    from deeplight.ops.registry import checkpoint_label, evaluate_tracked
+    from deeplight.ops.tracking import run_label
 
     with step(f"evaluate-{variant}", parent_run_id):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_model(str(Path(model_dir) / "best.pt"), hashed_dir, split="test",
-                                 out_json=str(out / "metrics.json"), plots_dir=str(out / "plots"))
-        log_evaluation(metrics, str(out / "plots"),
-                       _tracker(parent_run_id, "evaluate", variant, name=f"evaluate-{variant}"))
+        ckpt = str(Path(model_dir) / "best.pt")
+        name = run_label(f"evaluate-{variant}", checkpoint_label(ckpt))
+        metrics = evaluate_tracked(
+            lambda: evaluate_model(ckpt, hashed_dir, split="test", out_json=str(out / "metrics.json"),
+                                   plots_dir=str(out / "plots")),
+            str(out / "plots"), _tracker(parent_run_id, "evaluate", variant, name=name))
         if parent_run_id:
             from deeplight.ops.tracking import MlflowRunLog, client
 
@@ -316,11 +344,24 @@ def register_step(model_dir: str, hashed_dir: str, evaluation_dir: str, model_na
             served = {k: float(v) for k, v in info.get("tags", {}).items() if k.startswith("served_")}
             MlflowRunLog(client(), parent_run_id).log_metrics(served)
         if parent_run_id:
-            from deeplight.ops.tracking import MlflowRunLog, client
-
-            MlflowRunLog(client(), parent_run_id).set_tags({
-                REGISTERED_TAG: f"{info['name']}/{info['version']}", f"{REGISTERED_TAG}.alias": info.get("alias", "")})
+            link_registered_version(parent_run_id, info)
         return info
+
+
+def link_registered_version(parent_run_id: str, info: dict[str, Any]) -> None:
+    """The parent run names the version it registered: tags `deeplight.registered` (NAME/VERSION) and
+    `deeplight.registered.url` (the version's page in the MLflow UI), and a run description linking to it."""
+    from deeplight.ops.tracking import MlflowRunLog, client, tracking_uri
+
+    name, version = info["name"], info["version"]
+    page = f"#/models/{name}/versions/{version}"
+    uri = redact(tracking_uri())
+    url = f"{uri.rstrip('/')}/{page}" if uri.startswith(("http://", "https://")) else page
+    note = (f"Registered [{name} version {version}]({page}) (alias `{info.get('alias', '')}`) from this run's "
+            "pruned model.")
+    MlflowRunLog(client(), parent_run_id).set_tags({
+        REGISTERED_TAG: f"{name}/{version}", f"{REGISTERED_TAG}.alias": info.get("alias", ""),
+        f"{REGISTERED_TAG}.url": url, "mlflow.note.content": note})
 
 
 def promote_step(model_name: str, tolerance: float, latency_slo_us: float, parent_run_id: str) -> dict[str, Any]:

@@ -380,8 +380,10 @@ def finalize(study: Any, data_dir: str | Path, out_dir: str | Path, tolerance: f
                      **({"chosen_valid_auc": chosen["valid_auc"], "chosen_latency_us": final["chosen_latency_us"],
                          "speedup": final["speedup"]} if chosen else {}),
                      **{f"{name}_auc": final[name]["auc"] for name in ("dense_test", "chosen_test") if name in final}})
+    from deeplight.ops.registry import machine_tags  # the host the latencies were timed on
+
     log.set_tags({"chosen_trial": "none within tolerance" if chosen is None else str(chosen["number"]),
-                  **({"chosen_run_id": chosen.get("mlflow_run_id", "")} if chosen else {})})
+                  **({"chosen_run_id": chosen.get("mlflow_run_id", "")} if chosen else {}), **machine_tags()})
     study.set_user_attr(ATTR + "final", final)
     c.set_terminated(parent, status="FINISHED")
     return summary

@@ -55,7 +55,10 @@ class TrialLogger:
                          "valid_logloss": attrs.get("valid_logloss"), "nonzero_params": attrs.get("nonzero"),
                          "kept_pairs": len(attrs.get("kept_pairs", [])),
                          **{f"sparsity_{k}": v for k, v in attrs.get("sparsity", {}).items()}})
-        log.set_tags({"optuna.state": "COMPLETE", "top_kept_pairs": ", ".join(attrs.get("top_pairs", [])[:10])})
+        from deeplight.ops.registry import machine_tags  # the host the latency objective was timed on
+
+        log.set_tags({"optuna.state": "COMPLETE", "top_kept_pairs": ", ".join(attrs.get("top_pairs", [])[:10]),
+                      **machine_tags()})
         fields = (study.user_attrs.get(ATTR + "data") or {}).get("fields") or []
         pairs = [{"pair": f"{fields[i]} x {fields[j]}" if fields else f"{i} x {j}", "i": i, "j": j, "r": r}
                  for i, j, r in attrs.get("kept_pairs", [])]
