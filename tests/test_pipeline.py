@@ -88,13 +88,15 @@ def first(store, s3_input):
 @pytest.fixture(scope="module")
 def second(store, s3_input, first):
     """The same pipeline again with the promotion gate on."""
-    return pipeline_cli.run_local({**TINY, "input_uris": [s3_input], "run_name": "second", "promote_model": True},
+    return pipeline_cli.run_local({**TINY, "input_uris": [s3_input], "promote_model": True},  # a generated name
                                   pipeline_root=store.root / "kfp")
 
 
 def children(store, parent_id: str) -> dict:
+    """A pipeline run's child runs by step (`evaluate-dense`...), whatever their descriptive names."""
     exp = store.client.get_experiment_by_name("deeplight").experiment_id
-    return {r.info.run_name: r for r in store.client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    return {pipeline_cli.step_of(r): r
+            for r in store.client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
 
 
 @pytest.mark.slow
@@ -112,6 +114,23 @@ def test_the_pipeline_runs_end_to_end_with_a_parent_run_and_a_child_run_per_step
     assert runs["prune"].data.metrics["final_sparsity_field"] == pytest.approx(0.5, abs=0.03)
     artifacts = {a.path for a in store.client.list_artifacts(runs["train"].info.run_id)}
     assert {"best.pt", "results.json", "learning_curve.png"} <= artifacts
+    # runs that compare well (issue 19, item 2): names, MLflow's standard tags, inputs, system metrics
+    assert re.fullmatch(r"train-criteo-deepfwfm-\d{8}-\d{4}", runs["train"].info.run_name)
+    assert re.fullmatch(r"prune-criteo-deepfwfm-dnn50-field50-emb20-\d{8}-\d{4}", runs["prune"].info.run_name)
+    assert re.fullmatch(r"evaluate-pruned-criteo-deepfwfm-dnn50-field50-emb20-\d{8}-\d{4}",
+                        runs["evaluate-pruned"].info.run_name)
+    assert runs["evaluate-dense"].info.run_name.startswith("evaluate-dense-criteo-deepfwfm-dense-")
+    for run in (parent, *runs.values()):
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    assert runs["train"].data.tags["mlflow.source.name"] == "deeplight component train"
+    for step in ("train", "prune"):
+        assert "system/cpu_utilization_percentage" in runs[step].data.metrics
+        assert {d.dataset.name for d in runs[step].inputs.dataset_inputs} == {"criteo-train", "criteo-valid",
+                                                                            "criteo-test"}
+    assert runs["evaluate-pruned"].data.tags["host.cores"]  # the host of every latency measurement
+    # the parent links to the version it registered
+    assert parent.data.tags["deeplight.registered.url"] == "#/models/ctr-pipeline-test/versions/1"
+    assert "(#/models/ctr-pipeline-test/versions/1)" in parent.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -149,6 +168,9 @@ def test_no_secret_reaches_mlflow(store, first):
 def test_a_second_run_adds_a_comparable_run_and_the_promotion_gate_runs(store, first, second):
     a, b = (store.client.get_run(s["parent_run_id"]) for s in (first, second))
     assert a.info.run_id != b.info.run_id and b.info.status == "FINISHED"
+    # named for what it trains (dataset, model, sparsity targets, date) + a unique suffix run-local finds it by
+    assert re.fullmatch(r"criteo-deepfwfm-dnn50-field50-emb20-\d{8}-\d{4}-[0-9a-f]{4}", b.info.run_name)
+    assert second["run_name"] == b.info.run_name
     assert set(a.data.params) == set(b.data.params)
     assert {k for k in a.data.metrics if k.startswith(("dense_", "pruned_"))} == \
            {k for k in b.data.metrics if k.startswith(("dense_", "pruned_"))} != set()
@@ -183,7 +205,7 @@ def test_a_bad_input_file_fails_the_pipeline_with_its_message_and_registers_noth
     assert parent.info.status == "FAILED"  # closed by the exit handler
     assert parent.data.tags["deeplight.error"].startswith(f"ingest: {bad}: 50 of 50 rows are bad")
     exp = client.get_experiment_by_name("deeplight").experiment_id
-    steps = {r.info.run_name: r.info.status for r in
+    steps = {pipeline_cli.step_of(r): r.info.status for r in
              client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     assert steps == {"ingest": "FAILED"}  # nothing ran after the failing step
     assert client.search_registered_models() == []
