@@ -11,11 +11,12 @@ it); and a parameter in a resource field needs a KFP backend recent enough to re
 
 Caching is off for every step (`CACHING` says why, per step). KFP's cache key is the component and its input
 values, so a cached step can only be reused when none of them changed, and in these pipelines that never
-happens usefully: every step but finish_run takes `parent_run_id`, new in each run (every step logs its child
-run to its own run's MLflow parent: a cached step would leave that parent without the step's run, metrics and
-registered version); `ingest` keys on URIs, not on the data behind them (a recurring run reading the same
-s3:// key every night would silently reuse the first night's splits); and the later steps consume artifacts
-that are new whenever ingest ran.
+happens usefully: start_run opens the run's MLflow parent run, and every later step but finish_run takes its
+id, `parent_run_id`, new in each run (each logs its child run to it: a cached step would leave that parent
+without the step's run, metrics and registered version); `ingest` keys on URIs, not on the data behind them (a
+recurring run reading the same s3:// key every night would silently reuse the first night's splits); and the
+later steps consume artifacts that are new whenever ingest ran. Caching would need a content-keyed ingest
+(object versions or ETags as inputs) and the MLflow records moved out of the cached steps.
 """
 
 from __future__ import annotations
