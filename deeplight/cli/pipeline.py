@@ -311,9 +311,6 @@ def summarize(run_name: str = "", parent_run_id: str = "") -> dict[str, Any]:
     }
 
 
-# (column, metric on the parent run without the variant prefix, scale, format): what deeplight.evaluation.evaluate measured
-TABLE_COLUMNS = (("test AUC", "test_auc", 1, "{:.4f}"), ("test logloss", "test_logloss", 1, "{:.4f}"),
-                 ("latency batch 1 (us)", "latency_us_b1", 1, "{:.1f}"),
 def step_of(run: Any) -> str:
     """Which step a child run is (`ingest`, `train`, `evaluate-dense`, `register`...): its step tag (and
     variant, for evaluations), whatever its descriptive name."""
@@ -324,6 +321,9 @@ def step_of(run: Any) -> str:
     return f"{step}-{tags[VARIANT_TAG]}" if step == "evaluate" and tags.get(VARIANT_TAG) else step
 
 
+# (column, metric on the parent run without the variant prefix, scale, format): what deeplight.evaluation.evaluate measured
+TABLE_COLUMNS = (("test AUC", "test_auc", 1, "{:.4f}"), ("test logloss", "test_logloss", 1, "{:.4f}"),
+                 ("latency batch 1 (us)", "latency_us_b1", 1, "{:.1f}"),
                  ("latency batch 4096 (ms)", "latency_us_b4096", 1e-3, "{:.2f}"),
                  ("size (KB)", "model_bytes", 1 / 1024, "{:,.0f}"),
                  ("nonzero params", "params_nonzero", 1, "{:,.0f}"))

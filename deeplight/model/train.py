@@ -215,13 +215,13 @@ class Trainer:
                              **extra}
             log.log_metrics(epoch_metrics, step=p.epoch)
             p.history.append({"epoch": p.epoch, **epoch_metrics})
+            print(f"epoch {p.epoch + 1}/{self.epochs} done: valid AUC {valid['auc']:.4f}, logloss "
+                  f"{valid['logloss']:.4f}, train loss {epoch_metrics['train_loss']:.4f}, "
+                  f"{epoch_metrics['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
             if self.hooks is None or self.hooks.selectable():
                 if valid["auc"] > p.best_auc:
                     p.best_auc, p.best_epoch, p.bad_epochs = valid["auc"], p.epoch, 0
                     self._save_best(valid)
-            print(f"epoch {p.epoch + 1}/{self.epochs} done: valid AUC {valid['auc']:.4f}, logloss "
-                  f"{valid['logloss']:.4f}, train loss {epoch_metrics['train_loss']:.4f}, "
-                  f"{epoch_metrics['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
                 else:
                     p.bad_epochs += 1
             p.epoch, p.batch, p.loss_sum, p.loss_rows, p.seconds = p.epoch + 1, 0, 0.0, 0, 0.0
