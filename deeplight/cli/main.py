@@ -223,7 +223,15 @@ def _tracker(a: argparse.Namespace, data_dir: str | None = None, system_metrics:
         return None
     from deeplight.ops.tracking import MlflowTracker
 
-    return MlflowTracker()
+    return MlflowTracker(data_dir=data_dir, system_metrics=system_metrics)
+
+
+def _run_name(step: str, data_dir: str, *parts: str) -> str:
+    """`train-criteo-deepfwfm-20261206-2253`: the step, the hashed dataset's name, what is trained, the date."""
+    from deeplight.data.loader import read_manifest
+    from deeplight.ops.tracking import run_label
+
+    return run_label(step, read_manifest(data_dir).get("dataset", ""), *parts)
 
 
 # --- parser ---------------------------------------------------------------------------------------------
