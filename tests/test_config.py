@@ -86,3 +86,24 @@ def test_pipeline_set_travels_as_config_overrides():
     bad = p.parse_args(["x", "--set", "train.nope=1"])
     with pytest.raises(DeeplightError, match="unknown setting 'train.nope'"):
         pipeline_arguments(bad)
+
+
+def test_every_model_name_in_the_docs_and_code_is_the_one_default():
+    """One registered-model name (issue 19, item 3): README and docstrings name models:/<Config default>."""
+    import re
+    from pathlib import Path
+
+    from deeplight.base.config import Config
+
+    repo = Path(__file__).resolve().parents[1]
+    default = Config().registry.model_name
+    files = [repo / "README.md", *sorted((repo / "deeplight").rglob("*.py")), *sorted((repo / "components").rglob("*.py"))]
+    names = {}
+    for f in files:
+        text = f.read_text()
+        for m in re.finditer(r"models:/([A-Za-z][\w.-]*)[@/]|--model-name ([a-z][\w-]*)|(?:register|promote) \[?--name ([a-z][\w-]*)|"
+                             r"model_name=\"([\w-]+)\"", text):
+            name = next(g for g in m.groups() if g)
+            if name not in ("NAME", "ctr"):
+                names.setdefault(name, []).append(f.relative_to(repo).as_posix())
+    assert set(names) == {default}, names

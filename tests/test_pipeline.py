@@ -211,6 +211,27 @@ def test_a_bad_input_file_fails_the_pipeline_with_its_message_and_registers_noth
     assert client.search_registered_models() == []
 
 
+# --- settings checked before any work (issue 19, item 3) ---------------------------------------------------
+
+def test_a_misspelt_dataset_fails_before_any_data_is_generated(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli_main(["pipeline", "run-local", "--dataset", "avazuu", "--rows", "100",
+                     "--pipeline-root", str(tmp_path / "kfp")])
+    assert code == 2 and "unknown dataset 'avazuu'; known: avazu, criteo" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "kfp").exists()
+
+
+def test_avazu_without_input_gets_synthetic_avazu_data(tmp_path):
+    from deeplight.data.ingest import ingest
+
+    raw = pipeline_cli.default_input(rows=200, seed=0, data_root=tmp_path, dataset="avazu")
+    assert raw.name == "raw.csv" and raw.read_text().splitlines()[0].startswith("id,click,hour")
+    report = ingest("avazu", [str(raw)], str(tmp_path / "ingested"))  # what the pipeline's first step does
+    assert report["written"] == 200 and report["quarantined"] == 0
+    assert pipeline_cli.default_input(rows=200, seed=0, data_root=tmp_path) == \
+        tmp_path / "criteo-synth-200-seed0" / "raw.txt"  # make run's Criteo file keeps its name
+
+
 # --- the compiled pipeline -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -151,15 +151,18 @@ def config_of(args: dict[str, Any]):
 
 # --- run locally -----------------------------------------------------------------------------------------
 
-def default_input(rows: int = DEFAULT_ROWS, seed: int = 0, data_root: str | Path = "data/default") -> Path:
-    """The synthetic Criteo file of `make run`, generated on first use."""
+def default_input(rows: int = DEFAULT_ROWS, seed: int = 0, data_root: str | Path = "data/default",
+                  dataset: str = "criteo") -> Path:
+    """The synthetic data of `make run` for `dataset` (criteo or avazu), generated on first use."""
     from deeplight.data.synth import synthesize
 
-    raw = Path(data_root).absolute() / f"criteo-synth-{rows}-seed{seed}" / "raw.txt"
+    name = f"criteo-synth-{rows}-seed{seed}/raw.txt" if dataset == "criteo" else \
+        f"{dataset}-synth-{rows}-seed{seed}/raw.csv"
+    raw = Path(data_root).absolute() / name
     if not raw.exists():
-        print(f"generating {rows:,} synthetic Criteo rows -> {raw} (first use only)", flush=True)
+        print(f"generating {rows:,} synthetic {dataset} rows -> {raw} (first use only)", flush=True)
         raw.parent.mkdir(parents=True, exist_ok=True)
-        synthesize("criteo", rows=rows, seed=seed, out=str(raw))
+        synthesize(dataset, rows=rows, seed=seed, out=str(raw))
     return raw
 
 
@@ -659,11 +662,11 @@ def main(a: argparse.Namespace) -> None:
                                  "parameters: give them to run-local, submit or schedule)")
         print(compile_pipeline(a.out, image=a.image, pipeline=a.pipeline, cluster=cluster_from(a)))
     elif a.pipeline_command == "run-local":
-        defaults = dict(LOCAL_DEFAULTS)
+        arguments = pipeline_arguments(a, dict(LOCAL_DEFAULTS))  # every setting checked before any work
         if not a.input:
             seed = a.seed if a.seed is not None else 0
-            defaults["input_uris"] = [str(default_input(a.rows, seed))]
-        summary = run_local(pipeline_arguments(a, defaults), pipeline_root=a.pipeline_root, verbose=a.verbose)
+            arguments["input_uris"] = [str(default_input(a.rows, seed, dataset=config_of(arguments).data.dataset))]
+        summary = run_local(arguments, pipeline_root=a.pipeline_root, verbose=a.verbose)
         print_summary(summary)
     elif a.pipeline_command == "submit":
         result = submit(a.host, arguments_for(a), package=a.package, image=a.image, experiment=a.experiment,
