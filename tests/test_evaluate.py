@@ -4,6 +4,7 @@ latency, plots, refusal of data hashed with another feature map, the CLI (with a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,9 @@ def test_cli_writes_json_and_plots_and_logs_to_mlflow(models: dict[str, Path], t
         "roc_curve.png", "calibration_curve.png", "field_pairs.png"}
     c = MlflowClient(tracking_uri())
     runs = c.search_runs([c.get_experiment_by_name("deeplight").experiment_id])
-    assert len(runs) == 1 and runs[0].info.run_name == "evaluate-test"
+    # named for what was evaluated: step, dataset, model, its sparsity targets, split, date
+    assert len(runs) == 1 and re.fullmatch(r"evaluate-toy-deepfwfm-dnn\d+-field\d+-emb\d+-test-\d{8}-\d{4}",
+                                           runs[0].info.run_name), runs[0].info.run_name
     assert runs[0].data.metrics["test_auc"] == pytest.approx(saved["auc"])
     assert runs[0].data.metrics["latency_us_b1"] == pytest.approx(saved["latency_us"]["1"])
     assert runs[0].data.tags["feature_map_fingerprint"] == "fm-0"

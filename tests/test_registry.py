@@ -169,6 +169,79 @@ def test_register_sets_alias_and_tags_and_logs_the_exports(trained: dict, regist
     assert mv.tags["host.cores"] and mv.tags["host.load_avg_1m"]
 
 
+def test_the_logged_model_is_named_for_what_it_is_with_its_settings_as_params(trained: dict, registered: dict,
+                                                                             local_store: MlflowClient):
+    model_id = registered["logged_model_uri"].removeprefix("models:/")
+    lm = local_store.get_logged_model(model_id)
+    assert lm.name == "criteo-deepfwfm-dnn80-field60-emb30"  # not `model`
+    assert lm.params["model.dnn"] == "(16,)" and lm.params["prune.field"] == "0.6"
+    assert lm.params["registered_model"] == "ctr"
+    assert not [k for k, v in lm.params.items() if v.startswith("/")], lm.params  # no local paths as params
+    run = local_store.get_run(registered["run_id"])
+    assert run.info.run_name.startswith("register-ctr-criteo-deepfwfm-dnn80-field60-emb30-")
+    assert run.data.tags["deeplight.checkpoint"].endswith("best.pt")
+    manifest = json.loads((trained["a"] / "manifest.json").read_text())
+    assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs} == {
+        f"criteo-{k}": manifest["fingerprints"][k][:32] for k in ("train", "valid", "test")}
+    assert run.data.tags["host.cores"]  # the served latency was measured here
+
+
+def test_evaluate_scores_a_raw_file_through_the_models_own_feature_map(trained: dict, registered: dict,
+                                                                     local_store: MlflowClient, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture):
+    """`evaluate --input RAW`: one command for ingest --split 0,0,1 + apply-features + evaluate, for a checkpoint
+    (its feature map from --data) and for a registered model (its own feature map); bad rows counted."""
+    from deeplight.data.hashing import apply_feature_map
+
+    lines = trained["raw"].read_text().splitlines()[:1500]
+    raw = tmp_path / "day2.txt"
+    raw.write_text("\n".join(lines[:700] + ["not a criteo row", "1\tx\ty"] + lines[700:]) + "\n")
+    # the three steps by hand
+    ingest("criteo", [str(raw)], str(tmp_path / "ingested"), split=(0.0, 0.0, 1.0))
+    apply_feature_map(FeatureMap.load(trained["a"] / "feature_map.json"), str(tmp_path / "ingested"),
+                      str(tmp_path / "hashed"))
+    want = evaluate_model(str(trained["pruned"]), str(tmp_path / "hashed"), "test", **FAST)
+
+    out = tmp_path / "ckpt.json"
+    rc = main(["evaluate", "--model", str(trained["pruned"]), "--data", str(trained["a"]), "--input", str(raw),
+               "--out", str(out), "--latency-rounds", "1"])
+    assert rc == 0, capsys.readouterr().err
+    got = json.loads(out.read_text())
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-9) and got["rows"] == want["rows"] == 1500
+    assert got["input"] | {"quarantine": None} == {"files": [str(raw)], "read": 1502, "written": 1500,
+                                                   "quarantined": 2, "reasons": {"wrong_column_count": 2},
+                                                   "quarantine": None}
+    assert len(Path(got["input"]["quarantine"]).read_text().splitlines()) == 2
+    assert "2 of 1502 rows are bad" in capsys.readouterr().err
+
+    out = tmp_path / "registered.json"
+    rc = main(["evaluate", "--model", "models:/ctr@challenger", "--input", str(raw), "--out", str(out),
+               "--latency-rounds", "1"])
+    assert rc == 0, capsys.readouterr().err
+    reg = json.loads(out.read_text())
+    assert reg["auc"] == pytest.approx(want["auc"], abs=1e-6) and reg["input"]["quarantined"] == 2
+    assert reg["model"] == "models:/ctr@challenger" and reg["feature_map_fingerprint"] == want["feature_map_fingerprint"]
+    run = [r for r in local_store.search_runs([local_store.get_experiment_by_name("deeplight").experiment_id])
+           if r.info.run_name.startswith("evaluate-ctr-v1-input-")][0]
+    assert run.data.metrics["test_auc"] == pytest.approx(reg["auc"])
+    [d] = run.inputs.dataset_inputs
+    assert str(raw) in d.dataset.source and d.dataset.digest == reg["eval_data_fingerprint"][:32]
+
+    # a registered model on a hashed split: only data hashed with its own feature map
+    rc = main(["evaluate", "--model", "models:/ctr@challenger", "--data", str(trained["a"]), "--out", str(out),
+               "--latency-rounds", "1", "--no-mlflow"])
+    assert rc == 0 and json.loads(out.read_text())["auc"] == pytest.approx(trained["pruned_metrics"]["auc"], abs=1e-6)
+    rc = main(["evaluate", "--model", "models:/ctr@challenger", "--data", str(trained["b"]), "--out", str(out),
+               "--no-mlflow"])
+    assert rc == 2 and "hashed with its feature map" in capsys.readouterr().err
+    # a checkpoint without a feature map: one clear error before reading anything
+    rc = main(["evaluate", "--model", str(trained["pruned"]), "--input", str(raw), "--out", str(out), "--no-mlflow"])
+    assert rc == 2 and "does not hold its feature map" in capsys.readouterr().err
+    rc = main(["evaluate", "--model", str(trained["pruned"]), "--data", str(trained["b"]), "--input", str(raw),
+               "--out", str(out), "--no-mlflow"])
+    assert rc == 2 and "another feature map" in capsys.readouterr().err
+
+
 def test_pyfunc_scores_raw_rows_like_the_compact_model(trained: dict, registered: dict, raw_records: list[dict]):
     model, want = registered["model"], expected(trained["pruned"], trained["a"], raw_records)
     assert len(np.unique(want)) > 10  # the rows really differ
@@ -368,7 +441,8 @@ def test_register_metrics_must_be_of_the_checkpoint_registered(trained: dict, lo
         assert main(["register", "--model", spelling, "--data", str(trained["a"]), "--name", "paths",
                      "--metrics", str(pruned_json)]) == 0, capsys.readouterr().err
         run = c.get_run(json.loads(capsys.readouterr().out)["run_id"])
-        assert run.info.status == "FINISHED" and run.data.params["checkpoint"] == str(Path(spelling))
+        # a tag, not a param: the run's params are copied onto the LoggedModel, which should not hold local paths
+        assert run.info.status == "FINISHED" and run.data.tags["deeplight.checkpoint"] == str(Path(spelling))
     assert len(c.search_model_versions("name='paths'")) == 2
     assert not [r for r in _runs(c) if r.info.status == "FAILED"]
 

@@ -163,18 +163,100 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
     from pathlib import Path
 
-    from deeplight.evaluation.evaluate import evaluate_model
+    from deeplight.evaluation import evaluate as ev
 
+    if not a.data and not a.input:
+        raise DeeplightError("evaluate: give --data HASHED_DIR (a split of a hashed dataset) or --input RAW_FILE")
+    split = "test" if a.input else a.split  # raw files: every good row goes to the test split
     plots = a.plots or str(Path(a.out).with_suffix("")) + "_plots"
-    metrics = evaluate_model(a.model, a.data, split=a.split, out_json=a.out, plots_dir=plots, dense=a.dense,
-                             latency_rounds=a.latency_rounds)
-    if not a.no_mlflow:
-        from deeplight.ops.registry import log_evaluation
+    registered = a.model.startswith("models:/") or _is_model_dir(a.model)
+    if registered:  # a registered model (or its local copy): the compact engine and its own feature map
+        from deeplight.ops.server import resolve_model
 
-        log_evaluation(metrics, plots, _tracker(a))
-    _print_json({k: v for k, v in metrics.items() if k != "kept_pairs"} | {"kept_pairs": len(metrics["kept_pairs"])})
+        model_dir, version = resolve_model(a.model)
+        feature_map, label = str(model_dir / "feature_map.json"), version.replace("/", "-v")
+        if a.feature_map:
+            raise DeeplightError("evaluate: a registered model brings its own feature map; drop --feature-map")
+    else:
+        ckpt = ev.resolve_checkpoint(a.model)
+        feature_map = a.feature_map or (str(Path(a.data) / "feature_map.json") if a.data else None)
+        from deeplight.ops.registry import checkpoint_label
+
+        label = checkpoint_label(ckpt)
+    if a.input:
+        if feature_map is None:
+            raise DeeplightError("evaluate --input: a checkpoint does not hold its feature map; give --data (the "
+                                 "hashed dataset it was trained on) or --feature-map FILE")
+        _check_feature_map(feature_map, a.model if registered else ckpt, registered)
+
+    def score(data_dir: str) -> dict:
+        if registered:
+            return ev.evaluate_compact(model_dir / "compact.npz", data_dir, split=split, plots_dir=plots,
+                                       latency_rounds=a.latency_rounds, model=a.model, feature_map=feature_map)
+        return ev.evaluate_model(str(ckpt), data_dir, split=split, plots_dir=plots, dense=a.dense,
+                                 latency_rounds=a.latency_rounds)
+
+    max_bad = config_from(a).data.max_bad_fraction
+    with tempfile.TemporaryDirectory(prefix="deeplight-evaluate-") as tmp:
+        def run() -> dict:
+            if not a.input:
+                return score(a.data)
+            hashed, report = ev.raw_to_hashed(a.input, feature_map, tmp, max_bad_fraction=max_bad)
+            quarantine = None
+            if report["quarantined"]:  # kept beside the metrics JSON, as ingest keeps it beside its splits
+                quarantine = str(Path(a.out).with_suffix("")) + "_quarantine.jsonl"
+                Path(quarantine).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(tmp) / "ingested" / "quarantine.jsonl", quarantine)
+                print(f"evaluate: {report['quarantined']} of {report['read']} rows are bad, left out: {quarantine}",
+                      file=sys.stderr)
+            metrics = score(hashed)
+            metrics.pop("data_fingerprint", None)  # that of the temporary copy's empty train/valid splits
+            return {**metrics, "input": ev.input_summary(a.input, report, quarantine)}
+
+        if a.no_mlflow:
+            metrics = run()
+        else:
+            from deeplight.ops.registry import evaluate_tracked
+            from deeplight.ops.tracking import run_label
+
+            name = run_label("evaluate", label, "input" if a.input else split)
+            metrics = evaluate_tracked(run, plots, _tracker(a), name=name)
+    if a.input:  # the hashed copy was temporary: the files it came from name the data
+        metrics["data_dir"] = ",".join(map(str, a.input))
+    from deeplight.base.files import write_json
+
+    write_json(a.out, metrics)
+    _print_json({k: v for k, v in metrics.items() if k not in ("kept_pairs", "calibration_curve")}
+                | ({"kept_pairs": len(metrics["kept_pairs"])} if "kept_pairs" in metrics else {}))
+
+
+def _is_model_dir(path: str) -> bool:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.is_dir() and not (p / "best.pt").is_file() and any(
+        (d / "compact.npz").is_file() for d in (p, p / "artifacts"))
+
+
+def _check_feature_map(feature_map: str, model: object, registered: bool) -> None:
+    """Before reading any raw row: the feature map exists and (for a checkpoint) is the one it was trained with."""
+    from pathlib import Path
+
+    if not Path(feature_map).is_file():
+        raise DeeplightError(f"{feature_map}: no such feature map (written by `deeplight hash` into its --out)")
+    if registered:
+        return
+    from deeplight.data.feature_map import FeatureMap
+    from deeplight.model import checkpoint as ckpt_io
+
+    want = ckpt_io.load(model).get("feature_map_fingerprint", "")
+    if FeatureMap.load(feature_map).fingerprint() != want:
+        raise DeeplightError(f"{model} was trained with another feature map than {feature_map}; give the hashed "
+                             "dataset it was trained on")
 
 
 def cmd_register(a: argparse.Namespace) -> None:
@@ -367,15 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--storage", help="Optuna RDB URL (default sqlite:///mlruns/optuna.db)")
     sp.add_argument("--out", required=True, help="directory for report.md and its plots")
 
-    sp = add("evaluate", cmd_evaluate, "metrics JSON of a dense or pruned model on a split: AUC, logloss, "
-                                       "calibration, latency, size, sparsity, kept pairs (+ plots, MLflow)")
-    sp.add_argument("--model", required=True, help="checkpoint (best.pt) or a train/prune output directory")
-    sp.add_argument("--data", required=True, help="the hashed dataset the model was trained on")
-    sp.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    sp = add("evaluate", cmd_evaluate, "metrics JSON of a dense or pruned model on a split, or on raw files through "
+                                       "the model's own feature map: AUC, logloss, calibration, latency, size, "
+                                       "sparsity, kept pairs (+ plots, MLflow)")
+    sp.add_argument("--model", required=True, help="checkpoint (best.pt), a train/prune output directory, or a "
+                                                   "registered model: models:/NAME@ALIAS, models:/NAME/VERSION")
+    sp.add_argument("--data", help="the hashed dataset the model was trained on (scored: its --split; with --input: "
+                                   "where the checkpoint's feature map is)")
+    sp.add_argument("--input", nargs="+", help="raw Criteo/Avazu files (local, .gz, s3://), e.g. another day's rows: "
+                                               "ingested and mapped by the model's feature map, all rows scored; bad "
+                                               "rows are counted and left out (OUT without .json + _quarantine.jsonl)")
+    sp.add_argument("--feature-map", help="with --input and a checkpoint: its feature_map.json (instead of --data)")
+    sp.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of --data scored")
     sp.add_argument("--out", required=True, help="metrics JSON to write")
     sp.add_argument("--plots", help="directory for the plots (default: OUT without .json + _plots)")
     sp.add_argument("--dense", help="the dense checkpoint a pruned model came from (drawn in the R heatmap)")
     sp.add_argument("--latency-rounds", type=int, default=5, help="timing rounds per batch size (median)")
+    setting(sp, "--max-bad-fraction", "data.max_bad_fraction", float,
+            "with --input: fail when more than this share of a file's rows is bad")
+    add_set(sp)
     sp.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
     sp = add("register", cmd_register, "log a model that scores raw rows to the MLflow registry (alias challenger)")

@@ -81,7 +81,6 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     model came from, drawn next to it in the field-pair heatmap. latency_rounds x latency_budget_s bounds the
     time spent timing each batch size.
     """
-    from deeplight.model import metrics as mx
     from deeplight.serve.engine import CompactModel
     from deeplight.data.loader import read_manifest
     from deeplight.base.files import file_sha256, write_json
@@ -98,42 +97,23 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     mode = cfg.get("prune", {}).get("mode", "unstructured")
 
     cm = CompactModel.from_model(model, names)
-    ids, labels = _read_split(data_dir, split)
-    probs = np.concatenate([cm.predict_proba(ids[s:s + 65_536]) for s in range(0, len(ids), 65_536)])
-    quality = mx.evaluate_arrays(labels, probs)
-    mean_pred, observed, counts = mx.calibration_curve(labels, probs, bins=10)
-
-    latency = measure_latency(cm, ids, rounds=latency_rounds, budget_s=latency_budget_s)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_bytes = cm.save(Path(tmp) / "compact.npz").stat().st_size
-
+    ids, labels, probs, scored = _score(cm, data_dir, split, latency_rounds, latency_budget_s)
     pairs = kept_pairs(model, names)
     n_fields = len(names)
-    fps = manifest.get("fingerprints", {})
     result: dict[str, Any] = {
         "checkpoint": str(ckpt), "data_dir": str(data_dir), "split": split,
         "checkpoint_sha256": file_sha256(ckpt),  # which model these numbers are of (`register --metrics` checks)
         "dataset": manifest.get("dataset", ck.get("dataset", "")), "model_kind": ck["spec"]["kind"],
         "pruned": pruned, "prune_targets": {k: cfg["prune"][k] for k in ("dnn", "field", "embedding")}
         if pruned and "prune" in cfg else None, "prune_mode": mode if pruned else None,
-        **quality,
-        "calibration_curve": {"mean_pred": mean_pred.tolist(), "observed_ctr": observed.tolist(),
-                              "rows": counts.tolist()},
+        **scored,
         "recalibrated": int(bool((ck.get("calibration") or {}).get("applied"))),
         "calibration_refit": ck.get("calibration"),
-        "latency_us": {str(b): latency[b] * 1e6 for b in LATENCY_BATCHES},
-        "samples_per_s": LATENCY_BATCHES[-1] / latency[LATENCY_BATCHES[-1]],
-        "latency_setup": {"backend": "numba", "threads": 1, "rounds": latency_rounds, "statistic": "median"},
         "params_total": int(model.param_counts()["total"]),
         "params_nonzero": int(nonzero_counts(model)["total"]),
-        "model_bytes": int(model_bytes),
-        "compact": {k: v for k, v in cm.stats().items() if k in ("params_total", "params_nonzero", "bytes",
-                                                                   "kept_dims", "lookups_per_sample")},
         "sparsity": sparsity(model, mode),
         "kept_pairs": pairs, "total_pairs": n_fields * (n_fields - 1) // 2 if model.interaction is not None else 0,
-        "eval_data_fingerprint": fps.get(split, ""),
-        "data_fingerprint": f"{fps.get('train', '?')}:{fps.get('valid', '?')}",
-        "feature_map_fingerprint": manifest.get("feature_map_fingerprint", ""),
+        **_data_identity(manifest, split),
         "code_version": code_version(),
     }
     if plots_dir is not None:
@@ -143,6 +123,106 @@ def evaluate_model(checkpoint: str, data_dir: str, split: str = "test", out_json
     if out_json is not None:
         write_json(out_json, result)
     return result
+
+
+def evaluate_compact(compact_path: str | Path, data_dir: str, split: str = "test", out_json: str | None = None,
+                     plots_dir: str | None = None, latency_rounds: int = 5, latency_budget_s: float = 0.2,
+                     model: str = "", feature_map: str | Path | None = None) -> dict:
+    """The metrics JSON of a compact engine file (what a registered model serves; no checkpoint) on `split` of a
+    hashed dataset made with the model's own feature map: quality, calibration, latency and size as in
+    `evaluate_model`, without what needs the torch model (sparsity by component, kept pairs, the R heatmap).
+    `model` names it in the result (e.g. models:/deeplight-ctr@champion); `feature_map`: the model's own, which
+    `data_dir` must have been hashed with (checked)."""
+    from deeplight.base.files import write_json
+    from deeplight.base.provenance import code_version
+    from deeplight.data.loader import read_manifest
+    from deeplight.serve.engine import CompactModel
+
+    manifest = read_manifest(data_dir)
+    if feature_map is not None:
+        from deeplight.data.feature_map import FeatureMap
+
+        want = FeatureMap.load(feature_map).fingerprint()
+        if manifest.get("feature_map_fingerprint") != want:
+            raise DeeplightError(f"{model or compact_path} maps features with {want[:12]}..., but {data_dir} was "
+                                 f"hashed with {str(manifest.get('feature_map_fingerprint') or '?')[:12]}...; "
+                                 "evaluate it on data hashed with its feature map, or on raw files (--input)")
+    cm = CompactModel.load(compact_path)
+    ids, labels, probs, scored = _score(cm, data_dir, split, latency_rounds, latency_budget_s)
+    stats = cm.stats()
+    result: dict[str, Any] = {
+        "model": model or str(compact_path), "data_dir": str(data_dir), "split": split,
+        "dataset": manifest.get("dataset", ""), **scored,
+        "params_total": int(stats["params_total"]), "params_nonzero": int(stats["params_nonzero"]),
+        **_data_identity(manifest, split), "code_version": code_version(),
+    }
+    if plots_dir is not None:
+        result["plots"] = [str(p) for p in write_plots(Path(plots_dir), labels, probs, None, [])]
+    if out_json is not None:
+        write_json(out_json, result)
+    return result
+
+
+def _data_identity(manifest: dict[str, Any], split: str) -> dict[str, str]:
+    fps = manifest.get("fingerprints", {})
+    return {"eval_data_fingerprint": fps.get(split, ""),
+            "data_fingerprint": f"{fps.get('train', '?')}:{fps.get('valid', '?')}",
+            "feature_map_fingerprint": manifest.get("feature_map_fingerprint", "")}
+
+
+def _score(cm: Any, data_dir: str | Path, split: str, latency_rounds: int, latency_budget_s: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ids, labels, probabilities, metrics) of a compact model on a split: quality, calibration curve, latency,
+    throughput and size on disk."""
+    from deeplight.model import metrics as mx
+
+    ids, labels = _read_split(data_dir, split)
+    probs = np.concatenate([cm.predict_proba(ids[s:s + 65_536]) for s in range(0, len(ids), 65_536)])
+    mean_pred, observed, counts = mx.calibration_curve(labels, probs, bins=10)
+    latency = measure_latency(cm, ids, rounds=latency_rounds, budget_s=latency_budget_s)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_bytes = cm.save(Path(tmp) / "compact.npz").stat().st_size
+    return ids, labels, probs, {
+        **mx.evaluate_arrays(labels, probs),
+        "calibration_curve": {"mean_pred": mean_pred.tolist(), "observed_ctr": observed.tolist(),
+                              "rows": counts.tolist()},
+        "latency_us": {str(b): latency[b] * 1e6 for b in LATENCY_BATCHES},
+        "samples_per_s": LATENCY_BATCHES[-1] / latency[LATENCY_BATCHES[-1]],
+        "latency_setup": {"backend": "numba", "threads": 1, "rounds": latency_rounds, "statistic": "median"},
+        "model_bytes": int(model_bytes),
+        "compact": {k: v for k, v in cm.stats().items() if k in ("params_total", "params_nonzero", "bytes",
+                                                                   "kept_dims", "lookups_per_sample")},
+    }
+
+
+def raw_to_hashed(inputs: list[str], feature_map: str | Path, work_dir: str | Path,
+                  max_bad_fraction: float = 0.5) -> tuple[str, dict[str, Any]]:
+    """Raw files (another day's rows) -> a hashed dataset in `work_dir` whose test split holds every good row,
+    mapped by the model's own `feature_map` (the `ingest --split 0,0,1` and `apply-features` steps). Returns
+    (hashed dir, the ingest report: rows read, written and quarantined with reasons; bad rows are in
+    work_dir/ingested/quarantine.jsonl)."""
+    from deeplight.data.feature_map import FeatureMap
+    from deeplight.data.hashing import apply_feature_map
+    from deeplight.data.ingest import ingest
+
+    fmap = FeatureMap.load(feature_map)
+    work = Path(work_dir)
+    report = ingest(fmap.dataset, [str(u) for u in inputs], str(work / "ingested"), split=(0.0, 0.0, 1.0),
+                    split_mode="random", max_bad_fraction=max_bad_fraction)
+    if not report["written"]:
+        raise DeeplightError(f"{', '.join(map(str, inputs))}: no good rows to evaluate on")
+    apply_feature_map(fmap, str(work / "ingested"), str(work / "hashed"))
+    return str(work / "hashed"), report
+
+
+def input_summary(inputs: list[str], report: dict[str, Any], quarantine: str | None) -> dict[str, Any]:
+    """What an evaluation on raw files read: files, rows read/written/quarantined, reasons, the bad rows' file."""
+    reasons: dict[str, int] = {}
+    for item in report.get("inputs", []):
+        for k, v in (item.get("reasons") or {}).items():
+            reasons[k] = reasons.get(k, 0) + int(v)
+    return {"files": [str(u) for u in inputs], "read": report["read"], "written": report["written"],
+            "quarantined": report["quarantined"], "reasons": reasons, "quarantine": quarantine}
 
 
 def flat_metrics(m: dict[str, Any]) -> dict[str, float]:
@@ -267,7 +347,7 @@ def write_plots(out: Path, labels: np.ndarray, probs: np.ndarray, model: Any, na
     ax.legend(loc="upper left", fontsize=7)
     paths.append(_save(fig, out / "calibration_curve.png", plt))
 
-    R = pair_matrix(model)
+    R = pair_matrix(model) if model is not None else None
     if R is not None:
         panels = [("pruned" if dense_model is not None else "model", R)]
         if dense_model is not None and pair_matrix(dense_model) is not None:
