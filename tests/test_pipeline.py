@@ -131,6 +131,7 @@ def test_the_pipeline_runs_end_to_end_with_a_parent_run_and_a_child_run_per_step
     # the parent links to the version it registered
     assert parent.data.tags["deeplight.registered.url"] == "#/models/ctr-pipeline-test/versions/1"
     assert "(#/models/ctr-pipeline-test/versions/1)" in parent.data.tags["mlflow.note.content"]
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"criteo-train", "criteo-valid", "criteo-test"}
 
 
 @pytest.mark.slow
@@ -155,6 +156,7 @@ def test_the_printed_table_is_what_mlflow_holds(store, first, capsys):
                          f"{m['params_nonzero']:,.0f}"]
     assert first["rows"]["pruned"]["params_nonzero"] < first["rows"]["dense"]["params_nonzero"]
     assert "make ui" in printed and "http://127.0.0.1:5000" in printed
+    assert "/#/experiments/1/runs?workflowType=machine_learning" in printed  # the UI's model-training view
 
 
 @pytest.mark.slow

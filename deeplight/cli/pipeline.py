@@ -353,7 +353,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"pipeline took {summary['seconds']:.0f} s; step outputs under {summary['pipeline_root']}")
     if summary.get("log"):
         print(f"every step's output: {summary['log']} (--verbose streams it)")
-    print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
+    from deeplight.ops.tracking import client, experiment_id, ui_url
+
+    print(f"Open the MLflow UI: make ui  (then http://127.0.0.1:5000; this experiment's runs in the model-training "
+          f"view: {ui_url(experiment_id(client()))})")
 
 
 # --- the sweep pipeline's arguments ----------------------------------------------------------------------

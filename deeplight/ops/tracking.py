@@ -212,6 +212,17 @@ def experiment_id(c: MlflowClient, name: str = DEFAULT_EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
+def ui_url(experiment: str, base: str | None = None) -> str:
+    """The runs page of an experiment in the MLflow UI, in its model-training view. MLflow 3.17's UI chooses the
+    view by a per-browser toggle (GenAI | Model training, GenAI by default) and then ignores the experiment's
+    `mlflow.experimentKind`; `workflowType=machine_learning` in the URL selects the model-training view. `base`:
+    the UI (default: the tracking server, else `make ui`'s http://127.0.0.1:5000)."""
+    if base is None:
+        uri = redact(tracking_uri())
+        base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 # --- dataset inputs ----------------------------------------------------------------------------------------
 
 def split_datasets(data_dir: str | Path, splits: tuple[str, ...] = SPLITS, source: str | None = None

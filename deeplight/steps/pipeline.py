@@ -259,6 +259,7 @@ def hash_step(ingested_dir: str, config_json: str, out_dir: str, parent_run_id: 
     """Fit the feature map on the train split and write feature ids; child run `hash_features`."""
     from deeplight.data.hashing import hash_dataset
     from deeplight.base.allocators import tune_allocators
+    from deeplight.ops.tracking import client, log_splits
 
     tune_allocators()
     with step("hash_features", parent_run_id):
@@ -271,6 +272,9 @@ def hash_step(ingested_dir: str, config_json: str, out_dir: str, parent_run_id: 
                              **{f"rows_{k}": v for k, v in manifest["rows"].items()}})
             log.set_tags({"feature_map_fingerprint": manifest.get("feature_map_fingerprint", "")})
             log.log_artifact(Path(out_dir) / "manifest.json")
+            log_splits(log.client, log.run_id, out_dir)
+        if parent_run_id:  # the parent run's Datasets too: what this pipeline run trained and tested on
+            log_splits(client(), parent_run_id, out_dir)
         return manifest
 
 
