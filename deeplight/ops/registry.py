@@ -81,7 +81,7 @@ def checkpoint_label(checkpoint: str | Path) -> str:
     """`model_label` of a checkpoint: dataset, model kind, and dense or its pruning targets."""
     from deeplight.model import checkpoint as ckpt_io
 
-    ck = ckpt_io.load(checkpoint)
+    ck = ckpt_io.load_checkpoint(checkpoint)  # any other file: "not a deeplight checkpoint"
     cfg = json.loads(ck.get("config") or "{}")
     pruned = bool((ck.get("extra") or {}).get("masks"))
     return model_label(ck.get("dataset", ""), (ck.get("spec") or {}).get("kind", "model"),
