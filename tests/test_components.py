@@ -115,10 +115,15 @@ def registered(started, hashed, dense, pruned, evaluated):
                      model_name="ctr-test", parent_run_id=started.parent)
 
 
-def child(env, parent: str, name: str):
-    runs = env.client.search_runs([env.client.get_experiment_by_name("deeplight").experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}'")
-    assert len(runs) == 1, f"want one child run {name!r} of {parent}, got {len(runs)}"
+def child(env, parent: str, step: str):
+    """The parent's child run of `step` (`evaluate-pruned`: step and variant), found by its step tag: run names
+    are descriptive (dataset, model, targets, date)."""
+    name, _, variant = step.partition("-")
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`deeplight.step` = '{name}'"
+    if variant:
+        query += f" and tags.`deeplight.variant` = '{variant}'"
+    runs = env.client.search_runs([env.client.get_experiment_by_name("deeplight").experiment_id], query)
+    assert len(runs) == 1, f"want one child run {step!r} of {parent}, got {len(runs)}"
     return runs[0]
 
 
