@@ -261,9 +261,9 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(step_log or sys.stdout):
             # Expected here, once per step: the steps run in this venv, not in the image they name, and
-            # display names only show on a cluster.
+            # display names and pod resources (CPU/memory requests and limits) only apply on a cluster.
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
-            warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect")
+            warnings.filterwarnings("ignore", message=r".*settings \[.*\] have no effect in the current local runner")
             pipeline(**arguments)
     except RuntimeError as e:
         where = f" (every step's output: {log_path})" if step_log else ""
