@@ -171,6 +171,15 @@ class ClusterConfig:
     sweep_select: Pod = ("2", "2", "4Gi", "4Gi")  # re-times the chosen trial: Guaranteed QoS
     gpus: int = 0  # > 0: train, prune and the sweep workers ask for this many accelerators of gpu_type
     gpu_type: str = "nvidia.com/gpu"
+    # train and prune as a Kubeflow PyTorchJob of train_workers pods (deeplight/ops/pytorchjob.py; README: On a
+    # cluster), each rank's pod sized as `train` / `prune` above. The pipeline parameter train_workers wins.
+    train_workers: int = 1  # 1: the step trains in its own pod, as before
+    shared_claim: str = "deeplight-shared"  # ReadWriteMany PVC mounted in the step's pod and every rank's pod
+    shared_dir: str = "/mnt/deeplight"  # its mount path: the hashed data goes in, the checkpoints come out
+    job_namespace: str = ""  # "": the namespace the step's pod runs in
+    job_service_account: str = ""  # "": the namespace's default service account
+    job_env_secret: str = "deeplight-env"  # a Secret whose keys (MLFLOW_*, AWS_*) become the ranks' env, if it exists
+    job_timeout_s: int = 86400
 
 
 # Sections a training or pruning run depends on (what its checkpoint and MLflow params record).
