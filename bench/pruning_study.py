@@ -46,6 +46,13 @@ VARIANTS = {
     "steps+distill+lr3e-4": ("new", ["--distill-weight", "1", *LR3]),
     "auto-0.001": ("new", ["--max-auc-loss", "0.001", "--distill-weight", "1", *LR3]),
 }
+# One component at a time (structured, distillation, lr 3e-4): which one costs the AUC, which one buys the
+# batch-1 latency (the re-timing puts each beside its dense model in one process).
+STRUCTURED = ["--mode", "structured", "--distill-weight", "1", *LR3]
+for _name, (_dnn, _field, _emb) in {"dnn-only-95": (0.95, 0, 0), "field-only-95": (0, 0.95, 0),
+                                    "embedding-only-60": (0, 0, 0.6), "dnn95-field50": (0.95, 0.5, 0),
+                                    "dnn98-field50": (0.98, 0.5, 0)}.items():
+    VARIANTS[_name] = ("new", [*STRUCTURED, "--dnn", str(_dnn), "--field", str(_field), "--embedding", str(_emb)])
 
 
 def deeplight(*args: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,8 @@ from deeplight.model import checkpoint
 from deeplight.base.config import Config
 from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
-from deeplight.model.prune import (Pruner, Targets, damped_sparsity, fit_logit_scale, fold_logit_scale, prune, schedule,
-                                   sparsity, within_tolerance)
+from deeplight.model.prune import (Pruner, Targets, damped_sparsity, fastest_first, fit_logit_scale, fold_logit_scale,
+                                   prune, prune_as_configured, schedule, sparsity, valid_change, within_tolerance)
 from deeplight.model.train import train
 
 from conftest import write_hashed_dataset
@@ -177,36 +179,84 @@ def test_distillation_and_recalibration_are_recorded(dense, tmp_path: Path):
     assert plain["recalibrated"] == {"applied": False}
 
 
-def test_operating_point_bisection_finds_the_fastest_setting_within_tolerance(monkeypatch, tmp_path: Path):
+def test_operating_point_search_tries_the_fastest_first_then_bisects(monkeypatch, tmp_path: Path):
     from deeplight.model import prune as prune_module
 
-    # Fake pruning runs: valid AUC falls with sparsity; settings 0-1 lose too much, 2-4 are within 0.001.
-    valid_auc = {0.95: 0.70, 0.9: 0.745, 0.8: 0.7495, 0.6: 0.7499, 0.4: 0.75}
+    points = ((0.95, 0.5, 0.1), (0.9, 0.5, 0.1), (0.8, 0.5, 0.1), (0.6, 0.5, 0.1))
+    monkeypatch.setattr(prune_module, "OPERATING_POINTS", points)
+    # Fake pruning runs and valid comparisons: AUC change per DNN target, standard error 0.002.
+    auc_change = {0.95: -0.0005, 0.9: -0.0004, 0.8: 0.0, 0.6: 0.0}
     calls = []
 
     def fake(dense_checkpoint, data_dir, out_dir, cfg, tracker=None, run_name="prune"):
         calls.append(cfg.prune.dnn)
-        assert cfg.prune.mode == "structured" and cfg.prune.max_auc_loss is None
+        assert cfg.prune.mode == "structured" and cfg.prune.auto is False
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "best.pt").write_text(str(cfg.prune.dnn))
-        return {"valid": {"auc": valid_auc[cfg.prune.dnn], "logloss": 0.45},
-                "pruning": {"targets": {"dnn": cfg.prune.dnn}}}
+        return {"checkpoint": str(Path(out_dir) / "best.pt"), "valid": {"auc": 0.75, "logloss": 0.45},
+                "pruning": {"targets": {"dnn": cfg.prune.dnn}, "sparsity": {"dnn": cfg.prune.dnn}}}
 
-    monkeypatch.setattr(prune_module, "prune_to_targets", fake)
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path: {"valid": {"auc": 0.75, "logloss": 0.45}})
-    cfg = Config().replace(**{"prune.max_auc_loss": 0.001})
-    result = prune(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "auto", cfg)
-    assert result["operating_point"]["chosen"] == "structured-0.8-0.8-0.4"
+    monkeypatch.setattr(prune_module, "prune", fake)
+    monkeypatch.setattr(prune_module, "valid_logits", lambda path, data: (None, None))
+    monkeypatch.setattr(prune_module, "valid_change", lambda labels, dense, pruned: {  # of the last run
+        "auc": auc_change[calls[-1]], "auc_se": 0.002, "logloss": 0.0, "logloss_se": 0.001})
+    cfg = Config()  # prune.auto is the default
+    assert cfg.prune.auto and cfg.prune.max_auc_loss == 0.001
+    # The fastest is within tolerance: one pruning run is the whole search.
+    result = prune_as_configured(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "one", cfg)
+    assert calls == [0.95] and result["operating_point"]["chosen"] == "structured-0.95-0.5-0.1"
+    assert (tmp_path / "one" / "best.pt").read_text() == "0.95"
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["operating_point"]["tried"][0][
+        "valid_change"]["auc_se"] == 0.002
+    # The fastest two lose too much: 0.95 first, then a bisection over the rest, three runs at most.
+    auc_change.update({0.95: -0.01, 0.9: -0.005})
+    calls.clear()
+    result = prune_as_configured(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "two", cfg)
+    assert calls == [0.95, 0.8, 0.9] and result["operating_point"]["chosen"] == "structured-0.8-0.5-0.1"
     assert result["operating_point"]["within_tolerance"] is True
-    assert len(calls) <= 3 and 0.8 in calls
-    assert (tmp_path / "auto" / "best.pt").read_text() == "0.8"
+    assert [t["within_tolerance"] for t in result["operating_point"]["tried"]] == [False, False, True]  # by speed
+    # Widened by 3 paired standard errors (0.001 + 3 x 0.002), the -0.005 of 0.9 is noise: it is chosen.
+    calls.clear()
+    result = prune_as_configured(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "se", cfg.replace(
+        **{"prune.tolerance_se": 3.0}))
+    assert result["operating_point"]["chosen"] == "structured-0.9-0.5-0.1"
     # Nothing within tolerance: the mildest setting is kept and flagged.
-    valid_auc.update({0.4: 0.70, 0.6: 0.70, 0.8: 0.70})
-    result = prune(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "none", cfg)
-    assert result["operating_point"]["chosen"] == "structured-0.4-0.4-0.2"
+    auc_change.update({0.8: -0.01, 0.6: -0.01})
+    result = prune_as_configured(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "none", cfg)
+    assert result["operating_point"]["chosen"] == "structured-0.6-0.5-0.1"
     assert result["operating_point"]["within_tolerance"] is False
+    # prune.auto=false prunes to the targets as given.
+    calls.clear()
+    prune_as_configured(tmp_path / "dense.pt", tmp_path / "data", tmp_path / "fixed", cfg.replace(
+        **{"prune.auto": False, "prune.mode": "structured", "prune.dnn": 0.7}))
+    assert calls == [0.7]
+
+
+def test_fastest_first_search_order():
+    for n in (1, 2, 3, 4, 5, 8):
+        for first_ok in range(n + 1):  # settings first_ok.. pass (n: none does)
+            tried = []
+            index, found = fastest_first(n, lambda i: tried.append(i) or i >= first_ok)
+            assert (index, found) == ((first_ok, True) if first_ok < n else (n - 1, False)), (n, first_ok)
+            assert tried[0] == 0 and len(tried) == len(set(tried))
+            assert len(tried) <= 1 + math.ceil(math.log2(n)), (n, first_ok, tried)
+
+
+def test_valid_change_and_tolerance():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(4000) < 0.25).astype(np.float32)
+    dense = rng.normal(size=4000) + 1.5 * labels
+    same = valid_change(labels, dense, dense)
+    assert same["auc"] == 0 and same["auc_se"] == 0 and same["logloss"] == 0 and same["logloss_se"] == 0
+    noisy = valid_change(labels, dense, dense + rng.normal(scale=1.0, size=4000))
+    assert noisy["auc"] < -0.02 and 0 < noisy["auc_se"] < 0.02 and noisy["logloss"] > 0
+    p = Config().prune
+    assert within_tolerance({"auc": -0.0009, "auc_se": 0.01, "logloss": 0.0019, "logloss_se": 0.0}, p)
+    assert not within_tolerance({"auc": -0.0011, "auc_se": 0.01, "logloss": 0.0, "logloss_se": 0.0}, p)
     # Logloss counts too: an AUC within tolerance with worse probabilities is not accepted.
-    assert not within_tolerance({"auc": 0.75, "logloss": 0.453}, {"auc": 0.75, "logloss": 0.45}, cfg.prune)
+    assert not within_tolerance({"auc": 0.0, "auc_se": 0.0, "logloss": 0.003, "logloss_se": 0.01}, p)
+    wide = Config().replace(**{"prune.tolerance_se": 1.0}).prune
+    assert within_tolerance({"auc": -0.0011, "auc_se": 0.01, "logloss": 0.003, "logloss_se": 0.01}, wide)
 
 
 def test_operating_point_on_a_real_model(dense, tmp_path: Path, monkeypatch):
@@ -216,8 +266,13 @@ def test_operating_point_on_a_real_model(dense, tmp_path: Path, monkeypatch):
     data, dense_ckpt = dense
     cfg = Config().replace(**BASE, **{"prune.max_auc_loss": 1.0, "prune.max_logloss_gain": 1.0,
                                       "prune.finetune_epochs": 1})
-    result = prune(dense_ckpt, data, tmp_path / "auto", cfg)
+    result = prune_as_configured(dense_ckpt, data, tmp_path / "auto", cfg)
     assert result["operating_point"]["chosen"] == "structured-0.9-0.9-0.5"
+    assert [t["setting"] for t in result["operating_point"]["tried"]] == ["structured-0.9-0.9-0.5"]
+    change = result["operating_point"]["tried"][0]["valid_change"]
+    # The comparison is made on the valid split from both checkpoints: it matches the recorded valid metrics.
+    assert change["auc"] == pytest.approx(result["valid"]["auc"] - result["dense_valid"]["auc"], abs=1e-6)
+    assert change["auc_se"] > 0 and change["logloss_se"] > 0
     ck = checkpoint.load(tmp_path / "auto" / "best.pt")
     assert json.loads(ck["config"])["prune"]["mode"] == "structured"
     assert json.loads((tmp_path / "auto" / "results.json").read_text())["operating_point"]["tried"]

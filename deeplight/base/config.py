@@ -96,10 +96,15 @@ class PruneConfig:
     # Re-fit a temperature and a bias of the final logit on the valid split (folded into the weights; recorded
     # in results.json, the checkpoint and the evaluation as `recalibrated`).
     recalibrate: bool = False
-    # Operating point chosen for you: when set, pruning searches structured settings for the fastest one whose
-    # valid AUC is at most this below the dense model's and whose valid logloss at most max_logloss_gain above.
-    max_auc_loss: float | None = None
+    # Operating point chosen for you (auto, the default): pruning searches structured settings, fastest first,
+    # for the fastest whose valid AUC is at most max_auc_loss below the dense model's and whose valid logloss at
+    # most max_logloss_gain above, each widened by tolerance_se paired standard errors of the valid difference
+    # (bootstrap for AUC), so ~1,000 valid rows do not turn the choice into a coin toss. auto=false: prune to
+    # dnn/field/embedding/mode as given (`deeplight prune` with explicit targets does so).
+    auto: bool = True
+    max_auc_loss: float = 0.001
     max_logloss_gain: float = 0.002
+    tolerance_se: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """DeepLight pruning: gradual magnitude pruning of the DNN, the field-pair matrix R and the embeddings.
 
-    from deeplight.model.prune import prune
+    from deeplight.model.prune import prune, prune_as_configured
     result = prune("out/dense/best.pt", "data/hashed", "out/pruned", Config())  # targets from cfg.prune
     result["pruning"]["sparsity"], result["pruning"]["kept_pairs"][:5]
+    auto = prune_as_configured("out/dense/best.pt", "data/hashed", "out/auto", Config())  # prune.auto: searched
+    auto["operating_point"]["chosen"], auto["operating_point"]["tried"]
 
 Starting from a trained dense checkpoint, training continues while the sparsity of each component ramps up
 with the damped schedule of the paper, S_t = S * (1 - 0.99^(t/d)), t = steps since pruning began, then the
@@ -45,8 +47,9 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -353,76 +356,133 @@ def config_of(dense_checkpoint: str | Path) -> Config:
     return Config.from_dict(json.loads(checkpoint.load_checkpoint(dense_checkpoint)["config"]))
 
 
-def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
-          tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
-    """Prune a trained dense model to cfg.prune's targets, or, when cfg.prune.max_auc_loss is set, to the
-    fastest operating point within tolerance of it (`choose_operating_point`); resumes an unfinished run."""
-    if cfg.prune.max_auc_loss is not None:
+def prune_as_configured(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
+                        tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
+    """What `deeplight prune` and the pipeline's prune step run: the operating point search
+    (`choose_operating_point`) when cfg.prune.auto (the default), else `prune` to cfg.prune's targets."""
+    if cfg.prune.auto:
         return choose_operating_point(dense_checkpoint, data_dir, out_dir, cfg, tracker, run_name)
-    return prune_to_targets(dense_checkpoint, data_dir, out_dir, cfg, tracker, run_name)
+    return prune(dense_checkpoint, data_dir, out_dir, cfg, tracker, run_name)
 
 
-# Structured settings from fastest to slowest: (share of neurons removed per layer, field pairs, embedding rows).
-# Whole units are what the engine turns into speed (bench/RESULTS.md: unstructured 90/90/40 is 2.3x faster than
-# dense at batch 1, structured 90% neurons 10.9x), and quality falls monotonically along the list, which lets a
-# bisection find the fastest acceptable one in at most three pruning runs.
-OPERATING_POINTS = ((0.95, 0.95, 0.6), (0.9, 0.9, 0.5), (0.8, 0.8, 0.4), (0.6, 0.6, 0.3), (0.4, 0.4, 0.2))
+# Structured settings from fastest to slowest: (share of DNN neurons removed per layer, of field pairs, of
+# embedding rows); no component's share grows down the list, so quality should not fall along it. Whole
+# neurons are what the engine turns into batch-1 speed (95% of them alone: 23-32x on the real samples); field
+# pairs buy a little (95% alone: 1.3-4x) and embedding rows nothing at batch 1, while removing rows cost the
+# most valid AUC on Avazu (60% of rows: -0.009), so embeddings are pruned little or not at all
+# (bench/RESULTS.md, issue 17: per component).
+OPERATING_POINTS = ((0.95, 0.9, 0.2), (0.95, 0.5, 0.0), (0.9, 0.5, 0.0), (0.8, 0.3, 0.0))
 
 
-def within_tolerance(valid: dict[str, float], dense_valid: dict[str, float], p: PruneConfig) -> bool:
-    """Valid AUC at most max_auc_loss below dense and valid logloss at most max_logloss_gain above it."""
-    return (valid["auc"] >= dense_valid["auc"] - p.max_auc_loss
-            and valid["logloss"] <= dense_valid["logloss"] + p.max_logloss_gain)
+def setting_label(point: tuple[float, float, float]) -> str:
+    dnn, field, embedding = point
+    return f"structured-{dnn:g}-{field:g}-{embedding:g}"
+
+
+def fastest_first(n: int, passes: Callable[[int], bool]) -> tuple[int, bool]:
+    """(index, found): the first i in range(n) with passes(i), assuming quality grows with i. The fastest (0)
+    is tried first, since where it keeps quality one pruning run is the whole search; then a bisection over
+    the rest. At most 1 + ceil(log2(n)) calls (3 for 4 settings). None passes: (n - 1, False).
+
+    >>> fastest_first(4, lambda i: i >= 2)
+    (2, True)
+    """
+    seen: dict[int, bool] = {}
+
+    def ok(i: int) -> bool:
+        if i not in seen:
+            seen[i] = passes(i)
+        return seen[i]
+
+    if ok(0):
+        return 0, True
+    lo, hi = min(1, n - 1), n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, ok(lo)
+
+
+def valid_change(labels: np.ndarray, dense_logits: np.ndarray, logits: np.ndarray, rounds: int = 200,
+                 seed: int = 0) -> dict[str, float]:
+    """Pruned minus dense on the same valid rows: AUC and logloss changes with their paired standard errors
+    (AUC: bootstrap, both models scored on each resample; logloss: per-row loss differences)."""
+    probs, dense_probs = 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-dense_logits))
+    rng, n, diffs = np.random.default_rng(seed), len(labels), []
+    for _ in range(rounds):
+        rows = rng.integers(0, n, n)
+        if labels[rows].min() != labels[rows].max():
+            diffs.append(metrics.auc(labels[rows], logits[rows]) - metrics.auc(labels[rows], dense_logits[rows]))
+    row_loss = lambda z: np.logaddexp(0.0, z) - labels * z  # noqa: E731  (per-row BCE of a logit)
+    loss_diff = row_loss(logits.astype(np.float64)) - row_loss(dense_logits.astype(np.float64))
+    return {"auc": metrics.auc(labels, logits) - metrics.auc(labels, dense_logits),
+            "auc_se": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+            "logloss": metrics.logloss(labels, probs) - metrics.logloss(labels, dense_probs),
+            "logloss_se": float(np.std(loss_diff, ddof=1) / math.sqrt(n)) if n > 1 else 0.0}
+
+
+def within_tolerance(change: dict[str, float], p: PruneConfig) -> bool:
+    """AUC lost at most max_auc_loss and logloss gained at most max_logloss_gain, each plus tolerance_se
+    standard errors of the paired difference."""
+    return (change["auc"] >= -(p.max_auc_loss + p.tolerance_se * change["auc_se"])
+            and change["logloss"] <= p.max_logloss_gain + p.tolerance_se * change["logloss_se"])
+
+
+def valid_logits(checkpoint_path: str | Path, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) of a checkpoint's model on the valid split."""
+    return predict_logits(checkpoint.load_model(checkpoint_path)[0],
+                          SplitLoader(data_dir, "valid", batch_size=EVAL_BATCH))
 
 
 def choose_operating_point(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
                            tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
     """The fastest of OPERATING_POINTS whose valid AUC and logloss stay within cfg.prune's tolerances of the
-    dense model's, found by bisection (each candidate is pruned into out_dir/candidates/<setting>, with the
-    schedule, distillation and re-fit settings of cfg). The chosen one is copied to out_dir (best.pt,
-    results.json); `operating_point` in the result lists every setting tried. When even the mildest setting
-    misses the tolerance it is kept, with `within_tolerance: false`."""
+    dense model's (`within_tolerance`), fastest first (`fastest_first`); each candidate is pruned into
+    out_dir/candidates/<setting> with the schedule, distillation and re-fit settings of cfg. The chosen one is
+    copied to out_dir (best.pt, results.json); `operating_point` in the result lists every setting tried with
+    its valid changes. When even the mildest setting misses the tolerance it is kept, `within_tolerance: false`."""
     import shutil
 
     p, out = cfg.prune, Path(out_dir)
-    if p.max_auc_loss is None or p.max_auc_loss < 0 or p.max_logloss_gain < 0:
-        raise DeeplightError("operating point: max_auc_loss and max_logloss_gain must be >= 0")
-    dense_valid = checkpoint.load_checkpoint(dense_checkpoint).get("valid") or {}
-    if not {"auc", "logloss"} <= set(dense_valid):
-        raise DeeplightError(f"{dense_checkpoint} records no valid AUC and logloss to compare pruned models with")
+    if p.max_auc_loss is None:  # a config written before the search was the default: its tolerance
+        p = dataclasses.replace(p, max_auc_loss=PruneConfig.max_auc_loss)
+    if p.max_auc_loss < 0 or p.max_logloss_gain < 0 or p.tolerance_se < 0:
+        raise DeeplightError("operating point: max_auc_loss, max_logloss_gain and tolerance_se must be >= 0")
+    labels, dense_logits = valid_logits(dense_checkpoint, data_dir)  # the dense side of every comparison
     results: dict[int, dict[str, Any]] = {}
 
-    def attempt(i: int) -> bool:
+    def passes(i: int) -> bool:
         dnn, field, embedding = OPERATING_POINTS[i]
-        label = f"structured-{dnn:g}-{field:g}-{embedding:g}"
+        label = setting_label(OPERATING_POINTS[i])
         target = dataclasses.replace(cfg, prune=dataclasses.replace(
-            p, mode="structured", dnn=dnn, field=field, embedding=embedding, max_auc_loss=None))
+            p, mode="structured", dnn=dnn, field=field, embedding=embedding, auto=False))
         tqdm.write(f"prune: operating point: trying {label}", file=sys.stderr)
-        results[i] = prune_to_targets(dense_checkpoint, data_dir, out / "candidates" / label, target, tracker,
-                                      f"{run_name}-{label}")
-        results[i]["candidate"] = label
-        return within_tolerance(results[i]["valid"], dense_valid, p)
+        r = prune(dense_checkpoint, data_dir, out / "candidates" / label, target, tracker, f"{run_name}-{label}")
+        change = valid_change(labels, dense_logits, valid_logits(Path(r["checkpoint"]), data_dir)[1])
+        results[i] = {**r, "candidate": label, "valid_change": change, "ok": within_tolerance(change, p)}
+        tqdm.write(f"prune: operating point: {label}: valid AUC {change['auc']:+.4f} (se {change['auc_se']:.4f}), "
+                   f"logloss {change['logloss']:+.4f} (se {change['logloss_se']:.4f}): "
+                   f"{'within' if results[i]['ok'] else 'outside'} tolerance", file=sys.stderr)
+        return results[i]["ok"]
 
-    lo, hi = 0, len(OPERATING_POINTS) - 1
-    while lo < hi:  # the first (fastest) acceptable setting, assuming quality grows down the list
-        mid = (lo + hi) // 2
-        if attempt(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    ok = attempt(lo) if lo not in results else within_tolerance(results[lo]["valid"], dense_valid, p)
-    chosen = results[lo]
+    index, ok = fastest_first(len(OPERATING_POINTS), passes)
+    chosen = results[index]
     source = out / "candidates" / chosen["candidate"]
     for name in ("best.pt", "learning_curve.png"):
         if (source / name).exists():
             shutil.copyfile(source / name, out / name)
-    chosen = {**chosen, "checkpoint": str(out / "best.pt"), "operating_point": {
+    tried = [{"setting": r["candidate"], "targets": r["pruning"]["targets"], "valid_auc": r["valid"]["auc"],
+              "valid_logloss": r["valid"]["logloss"], "valid_change": r["valid_change"],
+              "within_tolerance": r["ok"]} for _, r in sorted(results.items())]
+    chosen = {k: v for k, v in chosen.items() if k not in ("ok", "run_id")}
+    chosen.update(checkpoint=str(out / "best.pt"), candidate_run_id=results[index].get("run_id"), operating_point={
         "chosen": chosen["candidate"], "within_tolerance": ok, "max_auc_loss": p.max_auc_loss,
-        "max_logloss_gain": p.max_logloss_gain, "dense_valid": {k: dense_valid[k] for k in ("auc", "logloss")},
-        "tried": [{"setting": r["candidate"], "targets": r["pruning"]["targets"], "valid_auc": r["valid"]["auc"],
-                   "valid_logloss": r["valid"]["logloss"],
-                   "within_tolerance": within_tolerance(r["valid"], dense_valid, p)}
-                  for _, r in sorted(results.items())]}}
+        "max_logloss_gain": p.max_logloss_gain, "tolerance_se": p.tolerance_se,
+        "searched": [setting_label(x) for x in OPERATING_POINTS], "order": "fastest first, then bisection",
+        "tried": tried})
     if not ok:
         tqdm.write(f"prune: operating point: no setting within tolerance of dense; kept the mildest, "
                    f"{chosen['candidate']}", file=sys.stderr)
@@ -430,17 +490,25 @@ def choose_operating_point(dense_checkpoint: str | Path, data_dir: str | Path, o
     with (tracker or NullTracker()).run(run_name, tags={"stage": "prune", "operating_point": chosen["candidate"],
                                                          "within_tolerance": str(ok).lower()}) as log:
         log.log_params({**cfg.flat(MODEL_SECTIONS), "data_dir": str(data_dir),
-                        "dense_checkpoint": str(dense_checkpoint)})
+                        "dense_checkpoint": str(dense_checkpoint),
+                        "operating_point.searched": ",".join(chosen["operating_point"]["searched"]),
+                        "operating_point.tried": ",".join(t["setting"] for t in tried),
+                        "operating_point.chosen": chosen["candidate"]})
         log.log_metrics({"best_valid_auc": chosen["valid"]["auc"], "best_valid_logloss": chosen["valid"]["logloss"],
-                         "candidates_tried": len(results)})
+                         "candidates_tried": len(tried), "valid_auc_change": chosen["valid_change"]["auc"],
+                         "valid_auc_change_se": chosen["valid_change"]["auc_se"],
+                         "valid_logloss_change": chosen["valid_change"]["logloss"],
+                         "valid_logloss_change_se": chosen["valid_change"]["logloss_se"],
+                         **{f"final_sparsity_{k}": v for k, v in chosen["pruning"]["sparsity"].items()}})
         log.log_artifact(out / "results.json")
         chosen["run_id"] = log.run_id
     return chosen
 
 
-def prune_to_targets(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
-                     tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
-    """Prune a trained dense model to cfg.prune's targets; resumes an unfinished run in out_dir."""
+def prune(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
+          tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
+    """Prune a trained dense model to cfg.prune's targets (dnn, field, embedding in prune.mode; prune.auto is
+    not looked at: see `prune_as_configured`); resumes an unfinished run in out_dir."""
     tracker = tracker or NullTracker()
     targets = Targets.from_config(cfg.prune)
     schedule(1, cfg.prune)  # checks the schedule's settings before any work

@@ -143,8 +143,8 @@ def prune_label(cfg: Config) -> str:
     """The pruning part of a run name: the targets, or the accuracy budget when the targets are searched."""
     from deeplight.ops.tracking import sparsity_label
 
-    if cfg.prune.max_auc_loss is not None:
-        return f"max-auc-loss{cfg.prune.max_auc_loss:g}".replace(".", "p")
+    if cfg.prune.auto:
+        return f"auto-max-auc-loss{cfg.prune.max_auc_loss:g}".replace(".", "p")
     return sparsity_label(cfg.prune)
 
 
@@ -292,16 +292,18 @@ def train_step(hashed_dir: str, config_json: str, out_dir: str, parent_run_id: s
 
 def prune_step(dense_dir: str, hashed_dir: str, config_json: str, out_dir: str,
                parent_run_id: str) -> dict[str, Any]:
-    """Prune the dense model to cfg.prune's targets and fine-tune; child run `prune`."""
-    from deeplight.model.prune import prune
+    """Prune the dense model to the fastest operating point within tolerance of it (prune.auto, the default;
+    the candidates' runs are children too) or to cfg.prune's targets, and fine-tune; child run `prune`."""
+    from deeplight.model.prune import prune_as_configured
 
     from deeplight.ops.tracking import run_label
 
     with step("prune", parent_run_id):
         cfg = _config(config_json)
-        return prune(Path(dense_dir) / "best.pt", hashed_dir, out_dir, cfg,
-                     run_name=run_label("prune", cfg.data.dataset, cfg.model.kind, prune_label(cfg)),
-                     tracker=_tracker(parent_run_id, "prune", "pruned", data_dir=hashed_dir, system_metrics=True))
+        return prune_as_configured(
+            Path(dense_dir) / "best.pt", hashed_dir, out_dir, cfg,
+            run_name=run_label("prune", cfg.data.dataset, cfg.model.kind, prune_label(cfg)),
+            tracker=_tracker(parent_run_id, "prune", "pruned", data_dir=hashed_dir, system_metrics=True))
 
 
 def evaluate_step(model_dir: str, hashed_dir: str, variant: str, out_dir: str,
