@@ -114,13 +114,19 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
-    from deeplight.model.prune import config_of, prune
+    from deeplight.cli.options import overrides
+    from deeplight.model.prune import config_of, prune_as_configured
 
     from deeplight.steps.pipeline import prune_label
 
     cfg = config_from(a, config_of(a.dense))
-    result = prune(a.dense, a.data, a.out, cfg, tracker=_tracker(a, data_dir=a.data, system_metrics=True),
-                   run_name=_run_name("prune", a.data, cfg.model.kind, prune_label(cfg)))
+    given = overrides(a)
+    if {"prune.dnn", "prune.field", "prune.embedding", "prune.mode"} & set(given) or "prune.max_auc_loss" in given:
+        # explicit targets ask for those targets, --max-auc-loss for the search (--set prune.auto=... wins)
+        cfg = cfg.replace(**{"prune.auto": given.get("prune.auto", "prune.max_auc_loss" in given)})
+    result = prune_as_configured(a.dense, a.data, a.out, cfg,
+                                 tracker=_tracker(a, data_dir=a.data, system_metrics=True),
+                                 run_name=_run_name("prune", a.data, cfg.model.kind, prune_label(cfg)))
     _print_json({k: v for k, v in result.items() if k != "history"})
 
 
@@ -394,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting(sp, "--distill-weight", "prune.distill_weight", float,
             "weight of the loss toward the dense model's probabilities (0: no distillation)")
     setting(sp, "--max-auc-loss", "prune.max_auc_loss", float,
-            "choose the fastest structured setting whose valid AUC is at most this below dense (the targets and "
-            "mode above are then searched, not taken)")
+            "choose the fastest structured setting whose valid AUC is at most this below dense (prune.auto, the "
+            "default when no target or mode is given; targets or mode given: pruned to them)")
     setting(sp, "--max-logloss-gain", "prune.max_logloss_gain", float,
             "with --max-auc-loss: largest valid logloss increase over dense")
     setting(sp, "--seed", "train.seed", int)
