@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarni
 
 ROWS = 3000
 SETTINGS = dict(epochs=1, min_count=2, ramp_epochs=1.0, finetune_epochs=1, dnn_sparsity=0.5, field_sparsity=0.5,
-                embedding_sparsity=0.2, config_overrides=json.dumps({"model.dnn": [16], "train.batch_size": 512}))
+                embedding_sparsity=0.2,  # as given: prune.auto off (the default searches; see test_prune.py)
+                config_overrides=json.dumps({"model.dnn": [16], "train.batch_size": 512, "prune.auto": False}))
 
 
 @pytest.fixture(scope="module")
