@@ -462,3 +462,33 @@ def test_sweep_pipeline_runs_locally_and_compiles(tmp_path, monkeypatch):
     assert "parameterIterator" in fresh.read_text()
     assert fresh.read_text() == (REPO / "pipelines" / "sweep_pipeline.yaml").read_text(), \
         "pipelines/sweep_pipeline.yaml is stale: python -m pipelines.sweep_pipeline"
+
+
+def test_a_worker_that_loads_the_study_mid_creation_waits_for_all_its_metadata(tmp_path):
+    """The creator records the sweep's metadata one attr at a time; a second worker that loads the study between
+    two writes must wait for the rest, not report a base-config mismatch (seen in CI on PostgreSQL)."""
+    import threading
+
+    from deeplight.ops.sweep.space import ATTR
+    from deeplight.ops.sweep.storage import _open_study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    settings = SweepSettings(study="racing", storage=storage)
+    meta = {"space": {"dnn": [0.9]}, "config": {"data.dataset": "criteo"}, "data": {"fields": ["I1"]}}
+    study = optuna.create_study(storage=storage, study_name="racing", directions=["maximize", "minimize"])
+    study.set_user_attr(ATTR + "space", meta["space"])  # the creator is here when the second worker loads it
+
+    def creator_finishes():
+        time.sleep(1.5)
+        study.set_user_attr(ATTR + "config", meta["config"])
+        study.set_user_attr(ATTR + "data", meta["data"])
+
+    writer = threading.Thread(target=creator_finishes)
+    writer.start()
+    try:
+        opened, created = _open_study(storage, settings, meta)
+    finally:
+        writer.join()
+    assert not created and opened.user_attrs[ATTR + "config"] == meta["config"]
+    with pytest.raises(DeeplightError, match="another base config"):
+        _open_study(storage, settings, {**meta, "config": {"data.dataset": "avazu"}})

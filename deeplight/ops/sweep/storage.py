@@ -135,12 +135,13 @@ def _open_study(storage: Any, settings: SweepSettings, meta: dict[str, Any]) -> 
     study = load_study(settings.study, storage, sampler)
     if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
         raise DeeplightError(f"study {settings.study!r} exists with other objectives; use another --study")
-    recorded = _wait_for_attr(study, "space")
-    if recorded is None:  # the creator died before recording anything: adopt the study
+    # The creator writes the metadata one attr at a time: wait for all of it, not the first, or a worker that
+    # loads the study between two writes reports a mismatch that is not there.
+    attrs = _wait_for_attrs(study, list(meta))
+    if not any(ATTR + key in attrs for key in meta):  # the creator died before recording anything: adopt it
         for key, value in meta.items():
             study.set_user_attr(ATTR + key, value)
         return study, False
-    attrs = study.user_attrs
     for key, what in (("space", "search space"), ("config", "base config"), ("data", "data")):
         if attrs.get(ATTR + key) != meta[key]:
             diff = _diff(attrs.get(ATTR + key) or {}, meta[key])
@@ -152,6 +153,16 @@ def _open_study(storage: Any, settings: SweepSettings, meta: dict[str, Any]) -> 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "?"
+
+
+def _wait_for_attrs(study: Any, keys: list[str], timeout: float = _WAIT_S) -> dict[str, Any]:
+    """The study's user attrs once all of `keys` are recorded (or as they are after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        attrs = study.user_attrs
+        if all(attrs.get(ATTR + key) is not None for key in keys) or time.monotonic() > deadline:
+            return attrs
+        time.sleep(0.5)
 
 
 def _wait_for_attr(study: Any, key: str, timeout: float = _WAIT_S) -> Any:
