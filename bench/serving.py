@@ -12,10 +12,12 @@ that one run so that the dense/pruned ratios are read from the same machine stat
   and the `RawRowScorer.score` it wraps on the same DataFrames ("scorer": the pyfunc minus MLflow's wrapper);
 - HTTP, one worker each, on 127.0.0.1: `mlflow models serve` (POST /invocations, dataframe_split) and
   `deeplight serve` (KServe: v1 /v1/models/deeplight:predict with records, v2 /v2/models/deeplight/infer with one
-  BYTES tensor per raw column); 1 / 100 / 1,000 rows per request, a closed-loop load generator (threads, one
+  BYTES tensor per raw column, and "kserve-tsv": v1 with the rows as raw tab-separated lines,
+  text/tab-separated-values); 1 / 100 / 1,000 rows per request, a closed-loop load generator (threads, one
   persistent http.client connection each) at concurrency 1 and 8;
-- all of the above again under 2x CPU oversubscription: 2 x nproc busy-loop processes owned by this script
-  (each bounded in time and exiting when this script dies), killed by PID afterwards;
+- all of the above again under 2x CPU oversubscription: 2 x nproc - 1 busy-loop processes owned by this script
+  (with the timed thread, twice as many runnable threads as cores; each bounded in time and exiting when this
+  script dies), killed by PID afterwards;
 - malformed requests to every server (and the in-process pyfunc): a field missing from one record of a batch, a
   misspelt key, a non-integer in I5, label 'yes'; status code and whether the body names the row and field;
 - parity: each server's predictions for 100 rows against the in-process pyfunc's.
@@ -71,7 +73,8 @@ VENV_BIN = str(Path(PY).parent)
 SIZES = (1, 100, 1000)
 CONCURRENCY = (1, 8)
 MODELS = ("dense", "pruned")
-ENDPOINTS = ("mlflow", "kserve-v1", "kserve-v2")
+ENDPOINTS = ("mlflow", "kserve-v1", "kserve-v2", "kserve-tsv")
+TSV = "text/tab-separated-values"
 NAMES = {"dense": "bench-dense", "pruned": "bench-pruned"}
 ALIAS = "challenger"
 KSERVE_NAME = "deeplight"
@@ -223,15 +226,17 @@ def time_calls(fn: Callable[[int], Any], count: int, seconds: float) -> tuple[li
 class Http:
     """One endpoint of one server: pre-encoded payloads per size, and a closed-loop load generator."""
 
-    def __init__(self, port: int, path: str, payloads: dict[int, list[bytes]], parse: Callable[[dict], list]):
+    def __init__(self, port: int, path: str, payloads: dict[int, list[bytes]], parse: Callable[[dict], list],
+                 content_type: str = "application/json"):
         self.port, self.path, self.payloads, self.parse = port, path, payloads, parse
+        self.content_type = content_type
         self.answered = 0  # 200 responses with the right number of predictions (all cells)
 
     def connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
     def post(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
-        conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+        conn.request("POST", self.path, body, {"Content-Type": self.content_type})
         resp = conn.getresponse()
         return resp.status, resp.read()
 
@@ -397,6 +402,11 @@ def v2_payload(cols: dict[str, list]) -> bytes:
                                   for k, v in cols.items()]}).encode()
 
 
+def tsv_payload(columns: list[str], rows: list[list[str]], header: bool = False) -> bytes:
+    """The rows as lines of the dataset's file (tab-separated; the feature columns in file order need no header)."""
+    return "\n".join(["\t".join(columns)] * header + ["\t".join(r) for r in rows]).encode()
+
+
 def parse_mlflow(obj: dict) -> list:
     return obj["predictions"]
 
@@ -414,6 +424,8 @@ def encode(endpoint: str, columns: list[str], rows: list[list[str]]) -> bytes:
         return mlflow_payload(columns, rows)
     if endpoint == "kserve-v1":
         return v1_payload([dict(zip(columns, r)) for r in rows])
+    if endpoint == "kserve-tsv":
+        return tsv_payload(columns, rows)
     return v2_payload({c: [r[j] for r in rows] for j, c in enumerate(columns)})
 
 
@@ -454,6 +466,9 @@ def malformed_body(fmt: str, spec: dict[str, Any]) -> bytes:
         return mlflow_records_payload(records)
     if fmt == "kserve-v1":
         return v1_payload(records)
+    if fmt == "kserve-tsv":  # a header line (the first record's keys), then each record's values: one line short
+        cols = list(spec.get("columns", records)[0])
+        return tsv_payload(cols, [[r[c] for c in cols if c in r] for r in spec.get("columns", records)], True)
     records = spec.get("columns", records)
     cols = list(dict.fromkeys(k for r in records for k in r))
     if fmt == "mlflow-split":
@@ -551,12 +566,13 @@ def main() -> None:
             for model in MODELS:
                 for ep in ENDPOINTS:
                     srv = servers[("mlflow" if ep == "mlflow" else "kserve", model)]
-                    path = {"mlflow": "/invocations", "kserve-v1": f"/v1/models/{KSERVE_NAME}:predict",
-                            "kserve-v2": f"/v2/models/{KSERVE_NAME}/infer"}[ep]
-                    parse = {"mlflow": parse_mlflow, "kserve-v1": parse_v1, "kserve-v2": parse_v2}[ep]
+                    path = {"mlflow": "/invocations", "kserve-v2": f"/v2/models/{KSERVE_NAME}/infer"}.get(
+                        ep, f"/v1/models/{KSERVE_NAME}:predict")
+                    parse = {"mlflow": parse_mlflow, "kserve-v2": parse_v2}.get(ep, parse_v1)
                     payloads = {size: [encode(ep, features, frows[o:o + size]) for o in offs[size]]
                                 for size in SIZES}
-                    endpoints[(ep, model)] = Http(srv.port, path, payloads, parse)
+                    endpoints[(ep, model)] = Http(srv.port, path, payloads, parse,
+                                                  TSV if ep == "kserve-tsv" else "application/json")
 
             # parity: 100 rows through every server vs the in-process pyfunc
             parity = []
@@ -576,7 +592,7 @@ def main() -> None:
             # malformed requests (pruned model's servers; the in-process pyfunc too)
             malformed = []
             for case, spec in malformed_cases(columns, rows).items():
-                for fmt in ("pyfunc", "mlflow-split", "mlflow-records", "kserve-v1", "kserve-v2"):
+                for fmt in ("pyfunc", "mlflow-split", "mlflow-records", "kserve-v1", "kserve-v2", "kserve-tsv"):
                     if fmt == "pyfunc":
                         try:
                             out = pyfuncs["pruned"].predict(pd.DataFrame.from_records(spec["records"]))
@@ -637,10 +653,12 @@ def main() -> None:
             measure("quiet")
             quiet_s = time.perf_counter() - t
 
-            # oversubscribed: 2 x nproc busy loops, bounded to ~3x the quiet phase's time (+ 60 s)
+            # oversubscribed 2x: 2 x nproc runnable threads on nproc cores, counting the timed one: 2 x nproc - 1
+            # busy loops, bounded to ~3x the quiet phase's time (+ 60 s). (Until the ninth session: 2 x nproc
+            # loops, 2.5x on 2 cores, where a fair scheduler alone makes a long job 2.5x slower.)
             load.set_phase("oversubscribed")
             bound = 3 * quiet_s + 60
-            busy = [subprocess.Popen([PY, "-c", BUSY_LOOP, str(bound)]) for _ in range(2 * nproc)]
+            busy = [subprocess.Popen([PY, "-c", BUSY_LOOP, str(bound)]) for _ in range(2 * nproc - 1)]
             time.sleep(1.0)  # let the scheduler see them
             t = time.perf_counter()
             measure("oversubscribed")
@@ -784,7 +802,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {m['case']} | {m['endpoint']} | {m['status']}{' **scored**' if m['scored'] else ''} | "
                      f"{'yes' if m['names_row'] else 'no'} | {'yes' if m['names_field'] else 'no'} | {body} |")
     o = r["oversubscription"]
-    lines.append(f"\nOversubscription: {o['processes']} busy-loop processes (2 x nproc), bound {o['bound_s']} s, "
+    lines.append(f"\nOversubscription: {o['processes']} busy-loop processes (2 x nproc - 1), bound {o['bound_s']} s, "
                  f"all stopped: {o['all_stopped']}. Servers: " + ", ".join(
                      f"{s['server']}/{s['model']} ready in {s['ready_s']} s" for s in r["servers"]))
     return "\n".join(lines)

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 
 SIZES = [1, 100, 1000]
-PATHS = ["engine", "scorer", "pyfunc", "mlflow", "kserve-v1", "kserve-v2"]
-ENDPOINTS = ["mlflow", "kserve-v1", "kserve-v2"]
+PATHS = ["engine", "scorer", "pyfunc", "mlflow", "kserve-v1", "kserve-v2", "kserve-tsv"]
+ENDPOINTS = ["mlflow", "kserve-v1", "kserve-v2", "kserve-tsv"]
 
 
 def _alive_busy_loop(pid: int) -> bool:
@@ -61,12 +61,12 @@ def test_serving_bench_adds_up_and_servers_answered(tmp_path):
     for a in r["answered"]:
         timed = sum(c["ok"] for k, c in cells.items() if k[1] == a["endpoint"] and k[2] == a["model"])
         assert a["responses"] == timed + 1, a
-    assert len(r["parity"]) == 6
+    assert len(r["parity"]) == 8
     for p in r["parity"]:
         assert p["status"] == 200 and p["max_abs_diff"] is not None and p["max_abs_diff"] < 1e-6, p
 
-    # malformed requests reached every server: 4 cases x 5 paths; a non-integer in I5 is refused everywhere
-    assert len(r["malformed"]) == 20
+    # malformed requests reached every server: 4 cases x 6 paths; a non-integer in I5 is refused everywhere
+    assert len(r["malformed"]) == 24
     for m in r["malformed"]:
         if m["endpoint"] != "pyfunc":
             assert isinstance(m["status"], int) and m["status"] > 0, m
@@ -74,12 +74,12 @@ def test_serving_bench_adds_up_and_servers_answered(tmp_path):
             assert not m["scored"] and m["names_row"] and m["names_field"], m
 
     # the goals are recorded; the busy loops and the servers are gone
-    assert len(r["goals"]) == 2 + 3 * 7 + 6
+    assert len(r["goals"]) == 2 + 4 * 7 + 6
     assert all(g["value"] is not None for g in r["goals"])
     o = r["oversubscription"]
-    assert o["processes"] == 2 * r["machine"]["nproc"] and o["all_stopped"]
+    assert o["processes"] == 2 * r["machine"]["nproc"] - 1 and o["all_stopped"]
     assert not any(_alive_busy_loop(pid) for pid in o["pids"])
     assert len(r["servers"]) == 4 and all(s["stopped"] for s in r["servers"])
     assert not any(_accepts(s["port"]) for s in r["servers"])
     assert r["loadavg"]["by_phase"]["quiet"]["samples"] >= 1
-    assert "| goal |" in proc.stdout and "| kserve-v2 | pruned | 1,000 | 8 |" in proc.stdout
+    assert "| goal |" in proc.stdout and "| kserve-tsv | pruned | 1,000 | 8 |" in proc.stdout

@@ -633,8 +633,9 @@ def test_no_credential_in_the_tracking_uri_is_ever_printed(trained: dict, server
     assert "deeplight: error: pipeline failed" in captured.err and f"store {server}" in captured.out
 
 
-def _post(url: str, body: object) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: object, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -708,6 +709,28 @@ def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, l
         status, body = _post(v2, {"inputs": tensors})
         assert status == 200 and body["outputs"][0]["name"] == "probability"
         np.testing.assert_allclose(body["outputs"][0]["data"], want, rtol=0, atol=1e-7)
+
+        # raw lines, as in the dataset's files: with the label (train.txt), without it, under a header
+        tsv = "text/tab-separated-values"
+        for content_type, body_ in (
+                (tsv, "\n".join("\t".join(r[c] for c in COLUMNS) for r in raw_records).encode()),
+                (tsv + "; header=absent", "\n".join("\t".join(r[c] for c in COLUMNS[1:]) for r in records).encode()),
+                ("text/plain", "\n".join(["\t".join(COLUMNS[:0:-1])] +
+                                          ["\t".join(r[c] for c in COLUMNS[:0:-1]) for r in records]).encode())):
+            status, body = _post(v1, body_, content_type)
+            assert status == 200, (content_type, body)
+            np.testing.assert_allclose(body["predictions"], want, rtol=0, atol=1e-7)
+        lines = ["\t".join(r[c] for c in COLUMNS[1:]) for r in records[:3]]
+        for content_type, body_, message in (
+                (tsv, "\n".join(lines[:1] + [lines[1].rsplit("\t", 1)[0]] + lines[2:]).encode(),
+                 "row 1 (line 2): 38 fields, expected 39"),
+                (tsv, "\n".join(lines[:2] + ["1.5\t" + lines[2].split("\t", 1)[1]]).encode(),
+                 "row 2 (line 3), field 'I1': non-integer"),
+                (tsv, "\n".join(lines).encode() + b"\xff", "line 3: field 39 is not valid UTF-8"),
+                ("application/xml", b"\n".join(x.encode() for x in lines), "content type"),
+                (tsv + "; header=maybe", "\n".join(lines).encode(), "header='maybe'")):
+            status, body = _post(v1, body_, content_type)
+            assert status == 400 and message in body["error"], (content_type, status, body)
 
         lacking = [dict(r) for r in records[:3]]
         del lacking[1]["C9"]

@@ -73,7 +73,7 @@ def optional_columns(schema: Any) -> tuple[str, ...]:
 
 
 def where(message: str) -> tuple[int, str | None]:
-    m = re.search(r"row (\d+)(?:, field '([^']*)')?", message)
+    m = re.search(r"row (\d+)(?: \(line \d+\))?(?:, field '([^']*)')?", message)
     assert m, f"the error names no row: {message}"
     return int(m.group(1)), m.group(2)
 
@@ -98,15 +98,53 @@ def _routed(conv: RowsToIds, rows: Any, dtype: Any, text_route: bool) -> np.ndar
         conv.fast_text = True
 
 
-def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
-    """RowsToIds' answer; the joined-text route (taken when every value is a str) and the general route must
-    give the same ids, or name the same row and field."""
-    got = _routed(conv, rows, dtype, True)
-    general = _routed(conv, rows, dtype, False)
-    if isinstance(got, np.ndarray) and isinstance(general, np.ndarray):
-        assert got.dtype == general.dtype and np.array_equal(got, general), "text route ids != general route ids"
+def as_lines(conv: RowsToIds, rows: Any) -> bytes | None:
+    """The rows as the dataset's file lines (a header line naming the columns, then one line per row), or None
+    when they cannot be written so: a value that is not a str or holds the separator, a quote or a line break,
+    or records whose keys differ."""
+    if isinstance(rows, pd.DataFrame):
+        names, values = [str(k) for k in rows.columns], rows.astype(object).values.tolist()
+    elif isinstance(rows, dict) and rows and all(isinstance(v, list) for v in rows.values()):
+        names, values = list(rows), [list(v) for v in zip(*rows.values())]
+    elif isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        names = list(rows[0])
+        if any(list(r) != names for r in rows):
+            return None
+        values = [list(r.values()) for r in rows]
     else:
-        assert got == general, f"text route says {got}, general route {general}"
+        return None
+    sep = conv.schema.delimiter
+    flat = [v for row in values for v in row]
+    if not values or not names or not all(type(v) is str and not any(ch in v for ch in (sep, "\n", "\r", '"'))
+                                          for v in flat + names):
+        return None
+    try:
+        return "\n".join(sep.join(row) for row in [names] + values).encode()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 text holds it (see test_text_lines_*)
+        return None
+
+
+def _lines(conv: RowsToIds, body: bytes, dtype: Any) -> np.ndarray | tuple[int, str | None]:
+    try:
+        return conv.transform_lines(body, conv.schema.delimiter, True, dtype)
+    except DeeplightError as e:
+        return where(str(e))
+
+
+def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
+    """RowsToIds' answer; the joined-text route (taken when every value is a str), the general route and, when
+    the rows can be written as the dataset's text lines, `transform_lines` on those lines must give the same
+    ids, or name the same row and field."""
+    got = _routed(conv, rows, dtype, True)
+    answers = {"general route": _routed(conv, rows, dtype, False)}
+    body = as_lines(conv, rows)
+    if body is not None:
+        answers["text lines"] = _lines(conv, body, dtype)
+    for route, other in answers.items():
+        if isinstance(got, np.ndarray) and isinstance(other, np.ndarray):
+            assert got.dtype == other.dtype and np.array_equal(got, other), f"text route ids != {route} ids"
+        else:
+            assert got == other, f"text route says {got}, {route} {other}"
     return got
 
 
@@ -528,6 +566,10 @@ def test_real_sample_ids_equal_the_hashed_parquet(tmp_path, dataset, sample):
         assert got.shape == want.shape and np.array_equal(got, want), form
     for i in range(0, len(good), 997):  # single records (the flat route)
         assert np.array_equal(conv.transform(good[i])[0], want[i])
+    if not bad_rows:  # the file's own bytes, as `deeplight serve` takes them (text/tab-separated-values, text/csv)
+        body = sample.read_bytes()
+        got = conv.transform_lines(body, get_schema(dataset).delimiter)
+        assert got.shape == want.shape and np.array_equal(got, want), "the raw file's lines"
     for i in sorted(bad_rows)[:20]:  # a quarantined row is refused (the samples have none today)
         assert isinstance(fast(conv, records[i]), tuple)
     broken = [dict(r) for r in good[:40]]
@@ -555,6 +597,84 @@ def test_real_sample_ids_equal_the_hashed_parquet(tmp_path, dataset, sample):
                             names=None if header else schema.names).loc[keep].reset_index(drop=True)
         row, name = fast(conv, plain)
         assert plain[name].dtype == object and is_nan(plain[name][row]) and plain[name][:row].notna().all()
+
+
+# --- raw text lines (the dataset's file format) -------------------------------------------------------------
+
+def test_text_lines_with_and_without_header_and_label(synthetic):
+    """A body of the file's lines: every column (label/id included) or the feature columns only, positional, or
+    under a header line (recognised, or told); "\r\n" and a missing final newline change nothing."""
+    for dataset in ("criteo", "avazu"):
+        fmap, recs = synthetic[dataset]
+        conv, schema, sep = RowsToIds(fmap), get_schema(dataset), get_schema(dataset).delimiter
+        recs = recs[:50]
+        want = reference(fmap, recs)
+        required = required_of(schema)
+        full = "\n".join(sep.join(r[k] for k in schema.names) for r in recs)
+        features = "\n".join(sep.join(r[k] for k in required) for r in recs)
+        shuffled = list(reversed(required))
+        header = sep.join(shuffled) + "\n" + "\n".join(sep.join(r[k] for k in shuffled) for r in recs)
+        for what, body, hdr in (("every column", full, None), ("features only", features, False),
+                                ("header", header, None), ("header, told", header, True),
+                                ("CRLF and final newline", full.replace("\n", "\r\n") + "\r\n", None),
+                                ("final newline", features + "\n", None)):
+            got = conv.transform_lines(body.encode(), sep, hdr)
+            assert np.array_equal(got, want), f"{dataset}: {what}"
+        assert conv.transform_lines(b"", sep).shape == (0, len(fmap.fields))
+        with pytest.raises(DeeplightError, match=r"row 0 \(line 1\), field '\w+': "):  # told: no header
+            conv.transform_lines(header.encode(), sep, False)  # so the names are values (bad ones)
+
+
+def test_text_lines_errors_name_row_line_and_field(synthetic):
+    fmap, recs = synthetic["criteo"]
+    conv, schema = RowsToIds(fmap), get_schema("criteo")
+    lines = ["\t".join(r[k] for k in schema.names) for r in recs[:10]]
+    k = len(schema.names)
+
+    def error(body: bytes, header: bool | None = None) -> str:
+        with pytest.raises(DeeplightError) as e:
+            conv.transform_lines(body, "\t", header)
+        return str(e.value)
+
+    short = lines[:4] + [lines[4].rsplit("\t", 1)[0]] + lines[5:]
+    assert error("\n".join(short).encode()) == f"row 4 (line 5): {k - 1} fields, expected {k} ({', '.join(schema.names)})"
+    long = lines[:7] + [lines[7] + "\tx\ty"] + lines[8:]
+    assert error("\n".join(long).encode()).startswith(f"row 7 (line 8): {k + 2} fields, expected {k} ")
+    last_long = lines[:9] + [lines[9] + "\tx"]
+    assert error("\n".join(last_long).encode()).startswith(f"row 9 (line 10): {k + 1} fields")
+    blank = lines[:3] + [""] + lines[3:]
+    assert error("\n".join(blank).encode()).startswith("row 3 (line 4): 1 fields")
+    bad = [ln.split("\t") for ln in lines]
+    bad[6][schema.names.index("I3")] = "12x"
+    assert re.match(r"row 6 \(line 7\), field 'I3': non-integer", error("\n".join(map("\t".join, bad)).encode()))
+    with_header = ["\t".join(schema.names)] + ["\t".join(b) for b in bad]
+    assert re.match(r"row 6 \(line 8\), field 'I3'", error("\n".join(with_header).encode()))
+    body = "\n".join(lines).encode()
+    cut = body.index(b"\n", body.index(b"\n") + 1) + 5  # inside line 3, field 1 (the label) .. count tabs
+    broken = body[:cut] + b"\xff" + body[cut:]
+    field = body[body.index(b"\n", body.index(b"\n") + 1) + 1:cut].count(b"\t") + 1
+    assert error(broken) == f"line 3: field {field} is not valid UTF-8 text"
+    assert error(b"1\t2\t3\n").startswith(f"line 1: 3 fields; expected {k} (every criteo column) or {k - 1}")
+    assert error(("\t".join(schema.names[1:] + ["I99"]) + "\n" + lines[0]).encode(), True).startswith(
+        "row 0, field 'I99': unknown field in the header line")
+    assert error(("\t".join(schema.names[2:]) + "\n" + lines[0]).encode(), True) == \
+        "row 0, field 'I1': missing (no such column in the header line)"
+    with pytest.raises(DeeplightError, match="separator"):
+        conv.transform_lines(body, "\n")
+
+
+def test_text_lines_quoted_csv(synthetic):
+    """Quoted CSV fields (RFC 4180) are read by Python's csv module: the same ids as the plain lines."""
+    fmap, recs = synthetic["avazu"]
+    conv, schema = RowsToIds(fmap), get_schema("avazu")
+    recs = recs[:30]
+    plain = "\n".join([",".join(schema.names)] + [",".join(r[k] for k in schema.names) for r in recs])
+    quoted = "\n".join([",".join(schema.names)] + [",".join(f'"{r[k]}"' for k in schema.names) for r in recs])
+    assert np.array_equal(conv.transform_lines(quoted.encode(), ","), conv.transform_lines(plain.encode(), ","))
+    assert np.array_equal(conv.transform_lines(plain.encode(), ","), reference(fmap, recs))
+    broken = quoted.replace(f'"{recs[3]["id"]}"', f'"{recs[3]["id"]}","extra"', 1).encode()
+    with pytest.raises(DeeplightError, match=r"row 3 \(line 5\): 25 fields, expected 24"):
+        conv.transform_lines(broken, ",")
 
 
 # --- RawRowScorer -------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
         -> {"outputs": [{"name": "probability", "datatype": "FP64", "shape": [2], "data": [...]}]}
     POST /v1/models/deeplight:predict {"instances": [{"I1": "5", "C1": "68fd1e64", ...}, ...]}
         -> {"predictions": [...]}
+    POST /v1/models/deeplight:predict   Content-Type: text/tab-separated-values (or text/csv)
+        the rows as lines of the dataset's own files (train.txt / train.csv: with or without label and id,
+        or under a header line) -> {"predictions": [...]}: parsed straight into the scorer's buffers, the
+        fastest way in for large batches
 
 The model is loaded once, at start-up, from its artifacts (compact.npz + feature_map.json) and scored by
 `deeplight.serve.rows.RawRowScorer`: no torch, no pyfunc wrapper, the engine's BLAS pinned to `serve.threads`.
@@ -108,6 +112,29 @@ def _columns_v2(request: Any) -> dict[str, np.ndarray]:
     return cols
 
 
+TEXT_TYPES = {"text/tab-separated-values": "\t", "text/csv": ",", "text/plain": None}
+
+
+def text_format(content_type: str, default_sep: str) -> tuple[str, bool | None]:
+    """(separator, header) of a raw-lines request body from its Content-Type: text/tab-separated-values (tab),
+    text/csv (comma), text/plain (the dataset's own); `; header=present|absent` (RFC 4180's parameter) says
+    whether the first line names the columns, else a first line of column names is recognised as a header."""
+    media, *params = [p.strip() for p in content_type.split(";")]
+    media = media.lower()
+    if media not in TEXT_TYPES:
+        raise DeeplightError(f"content type {content_type!r}: send application/json (v1 instances), or raw lines "
+                             f"as {', '.join(TEXT_TYPES)}")
+    header = None
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "header":
+            value = value.strip().strip('"').lower()
+            if value not in ("present", "absent"):
+                raise DeeplightError(f"content type {content_type!r}: header={value!r}, want present or absent")
+            header = value == "present"
+    return TEXT_TYPES[media] or default_sep, header
+
+
 def make_predictor(name: str, model_uri: str, threads: int | None = None) -> Any:
     """A kserve.Model that scores raw rows with the model at `model_uri` (loaded by `.load()`)."""
     import kserve
@@ -149,6 +176,14 @@ def make_predictor(name: str, model_uri: str, threads: int | None = None) -> Any
                 return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                                      infer_outputs=[out],
                                      model_version=self.version)
+            if isinstance(payload, (bytes, bytearray)):  # v1 with a non-JSON content type: raw text lines
+                assert self.scorer is not None
+                try:
+                    sep, header = text_format((headers or {}).get("content-type", ""), self.scorer.schema.delimiter)
+                    p = self.scorer.score_lines(payload, sep, header)
+                except DeeplightError as e:
+                    raise InvalidInput(f"bad input for a {self.scorer.schema.name} model: {e}") from None
+                return {"predictions": p.tolist()}
             if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
                 raise InvalidInput('bad input: want {"instances": [{column: value, ...}, ...]} (v1) or a v2 '
                                    "inference request")

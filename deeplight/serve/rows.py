@@ -364,6 +364,60 @@ def _split_joined(joined, count, off, data):
     return True
 
 
+@numba.njit(cache=True, nogil=True)
+def _split_lines(body, start, sep, k, off, data, bad):
+    """Text lines of `k` fields separated by the byte `sep` (from byte `start`) -> Arrow-style offsets + bytes,
+    row-major; a final newline is optional and "\\r\\n" ends a line too. Returns the number of rows, or -1 with
+    bad = (row, fields on that line) for a line that does not hold exactly k fields (an empty line holds one)."""
+    n = 0
+    j = 0  # fields seen on the current line
+    p = 0
+    v = 0  # values written
+    end = len(body)
+    if end > start and body[end - 1] == 10:
+        end -= 1
+    if end > start and body[end - 1] == 13:
+        end -= 1
+    if end <= start:
+        return 0
+    off[0] = 0
+    i = start
+    while i < end:
+        b = body[i]
+        if b == sep or b == 10:
+            j += 1
+            if j > k:
+                break
+            v += 1
+            off[v] = p
+            if b == 10:
+                if j != k:
+                    break
+                n += 1
+                j = 0
+        elif b == 13 and i + 1 < end and body[i + 1] == 10:
+            pass  # the "\r" of "\r\n"
+        else:
+            data[p] = b
+            p += 1
+        i += 1
+    if i == end:  # the last line
+        j += 1
+        if j == k:
+            v += 1
+            off[v] = p
+            return n + 1
+    bad[0], bad[1] = n, j
+    if j > k and body[i] == sep:  # a long line: count the rest of its fields
+        i += 1
+        while i < end and body[i] != 10:
+            if body[i] == sep:
+                j += 1
+            i += 1
+        bad[1] = j + 1  # the last field ends at the newline or the end
+    return -1
+
+
 # ------------------------------------------------------------------------------------------------------------
 # input normalisation
 
@@ -530,6 +584,7 @@ class RowsToIds:
         self.fast_text = True  # the joined-text route (`_text_route`); tests turn it off to compare the routes
         self._plans: dict[tuple, _Plan | None] = {}
         self._zeros = np.zeros(len(self.names), np.int64)
+        self._all_valid = np.ones(1024, np.bool_)
         self._ones = np.ones(len(self.names), np.int64)
         self.transform([{n: None for n in self.required} | {c.name: "14102100" for c in schema.columns
                                                             if c.kind == "time"}])  # compile / load the cache
@@ -726,19 +781,119 @@ class RowsToIds:
         if not _split_joined(np.frombuffer(joined, np.uint8), count, off, data):
             return None
         if order == "row":
-            base, stride = plan.pos, plan.stride_row
-        else:
-            base, stride = plan.pos * n, self._ones
+            return self._text_kernel(n, plan.col_src, plan.pos, plan.stride_row, off, data, dtype)
+        return self._text_kernel(n, plan.col_src, plan.pos * n, self._ones, off, data, dtype)
+
+    def _text_kernel(self, n: int, col_src: np.ndarray, base: np.ndarray, stride: np.ndarray, off: np.ndarray,
+                     data: np.ndarray, dtype: Any, first_line: int | None = None) -> np.ndarray:
+        """The kernel over text values (offsets + bytes, all valid): value of column c in row r at base[c] +
+        r * stride[c]. `first_line`: the line number of row 0 in a text body, named in errors."""
         out = np.empty((n, len(self.fld_col)), np.int64 if dtype == np.int64 else np.int32)
         err = np.empty(3, np.int64)
         fx = self._fixed
-        _rows_kernel(n, off, data, np.ones(count, np.bool_), base, stride, _EMPTY_I, _EMPTY_B, self._zeros,
-                     self._ones, fx[0], plan.col_src, *fx[2:], out, err)
+        _rows_kernel(n, off, data, self._valid(len(off) - 1), base, stride, _EMPTY_I, _EMPTY_B, self._zeros,
+                     self._ones, fx[0], col_src, *fx[2:], out, err)
         if err[0] >= 0:
             row, c = int(err[0]), int(err[1])
             j = int(base[c] + row * stride[c])
-            value = bytes(data[off[j]:off[j + 1]]).decode()
-            raise self._error(row, c, int(err[2]), {self.names[c]: ("v", value)})
+            value = bytes(data[off[j]:off[j + 1]]).decode("utf-8", "backslashreplace")
+            where = "" if first_line is None else f" (line {row + first_line})"
+            raise self._error(row, c, int(err[2]), {self.names[c]: ("v", value)}, where)
+        return out
+
+    def _valid(self, count: int) -> np.ndarray:
+        """All-true validity for `count` values (text has no nulls), grown and reused across calls."""
+        if len(self._all_valid) < count:
+            self._all_valid = np.ones(max(count, 2 * len(self._all_valid)), np.bool_)
+        return self._all_valid
+
+    # -- raw text lines: the rows as they are in the dataset's files -------------------------------------------
+
+    def transform_lines(self, body: bytes, sep: str = "\t", header: bool | None = None,
+                        dtype: Any = np.int32) -> np.ndarray:
+        """ids of raw text lines, the dataset's file format (Criteo: tab-separated, no header; Avazu: CSV with a
+        header), split by one compiled pass straight into the kernel's buffers: no Python object per value.
+
+        Each line holds either every column of the schema in its order (label and id included, as in train
+        files), or the feature columns only (no label, no id: as in test files), or the columns a first
+        header line names (`header`: True/False, or None to recognise a header by its names). Quoted CSV fields
+        (a '"' in the body) are parsed by Python's csv module first. A line with the wrong number of fields, or
+        bytes that are not UTF-8, is an error naming its row and line."""
+        if len(sep) != 1 or sep in "\r\n\"":
+            raise BadRows(f"separator {sep!r}: want one character such as a tab or a comma")
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise BadRows(f"expected the text lines as bytes, got {type(body).__name__}")
+        body = bytes(body)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = body.count(b"\n", 0, e.start)
+            field = body.count(sep.encode(), body.rfind(b"\n", 0, e.start) + 1, e.start)
+            raise BadRows(f"line {line + 1}: field {field + 1} is not valid UTF-8 text") from None
+        if not body.strip(b"\r\n"):
+            return np.empty((0, len(self.fld_col)), np.int64 if dtype == np.int64 else np.int32)
+        first_end = body.find(b"\n")
+        first = (body if first_end < 0 else body[:first_end]).rstrip(b"\r").decode().split(sep)
+        if header is None:
+            header = bool(first) and set(first) <= self._known and len(set(first)) == len(first) and \
+                any(name not in self.optional for name in first)
+        start = 0
+        if header:
+            plan = self._plan(tuple(first))
+            if plan is None:
+                self._check_header(first)
+            start = len(body) if first_end < 0 else first_end + 1
+        elif len(first) == len(self.names):
+            plan = self._plan(tuple(self.names))
+        elif len(first) == len(self.required):
+            plan = self._plan(tuple(self.required))
+        else:
+            raise BadRows(f"line 1: {len(first)} fields; expected {len(self.names)} (every {self.schema.name} "
+                          f"column) or {len(self.required)} (the feature columns), or a header line")
+        assert plan is not None
+        if b'"' in body and sep == ",":
+            return self._transform_csv_quoted(body, start, plan, dtype)
+        lines = body.count(b"\n", start) + 1
+        off = np.empty(lines * plan.k + 1, np.int64)
+        data = np.empty(max(1, len(body) - start), np.uint8)
+        bad = np.zeros(2, np.int64)
+        n = _split_lines(np.frombuffer(body, np.uint8), start, ord(sep), plan.k, off, data, bad)
+        if n < 0:
+            row = int(bad[0])
+            raise BadRows(f"row {row} (line {row + 1 + bool(header)}): {int(bad[1])} fields, expected "
+                          f"{plan.k} ({', '.join(plan.names)})")
+        return self._text_kernel(n, plan.col_src, plan.pos, plan.stride_row, off, data, dtype, 1 + bool(header))
+
+    def _check_header(self, names: list) -> None:
+        """The error for a header line that does not name a valid set of columns (row 0, like the other forms)."""
+        for name in names:
+            if name not in self._known:
+                raise BadRows(f"row 0, field {name!r}: unknown field in the header line (the {self.schema.name} "
+                              f"columns are {', '.join(self.names)})")
+        dup = [name for name in names if names.count(name) > 1]
+        if dup:
+            raise BadRows(f"field {dup[0]!r} twice in the header line")
+        for name in self.required:
+            if name not in names:
+                raise BadRows(f"row 0, field {name!r}: missing (no such column in the header line)")
+
+    def _transform_csv_quoted(self, body: bytes, start: int, plan: "_Plan", dtype: Any) -> np.ndarray:
+        """CSV with quoted fields: Python's csv module, then the joined-text route (rare: the datasets' files
+        quote nothing)."""
+        import csv
+        import io
+
+        reader = csv.reader(io.StringIO(body[start:].decode(), newline=""))
+        first_line = 1 + body.count(b"\n", 0, start)
+        rows = []
+        for fields in reader:
+            if len(fields) != plan.k:
+                raise BadRows(f"row {len(rows)} (line {first_line + reader.line_num - 1}): {len(fields)} fields, "
+                              f"expected {plan.k} ({', '.join(plan.names)})")
+            rows.append(fields)
+        out = self._transform_text(len(rows), plan, "row", list(chain.from_iterable(rows)), dtype)
+        if out is None:  # a value holding the byte 0x1F
+            return self.transform([dict(zip(plan.names, fields)) for fields in rows], dtype)
         return out
 
     # -- the transform ------------------------------------------------------------------------------------------
@@ -813,7 +968,7 @@ class RowsToIds:
             raise self._error(int(err[0]), int(err[1]), int(err[2]), sources)
         return out
 
-    def _error(self, row: int, c: int, code: int, sources: dict) -> BadRows:
+    def _error(self, row: int, c: int, code: int, sources: dict, where: str = "") -> BadRows:
         name = self.names[c]
         src = sources.get(name)
         if src is None:
@@ -830,7 +985,7 @@ class RowsToIds:
             E_OVERFLOW: f"integer out of int64 range in field {name!r}: {_show(value)}",
             E_TIME: f"bad time value in field {name!r}: {_show(value)} (want YYMMDDHH, a real date and hour)",
         }[code]
-        return BadRows(f"row {row}, field {name!r}: {reason}")
+        return BadRows(f"row {row}{where}, field {name!r}: {reason}")
 
 
 class _Plan:
@@ -929,7 +1084,14 @@ class RawRowScorer:
 
     def score(self, rows: Any) -> np.ndarray:
         """float64 probabilities, one per row; BadRows (a DeeplightError naming row and field) for bad input."""
-        ids = self.ids(rows)
+        return self._proba(self.ids(rows))
+
+    def score_lines(self, body: bytes, sep: str | None = None, header: bool | None = None) -> np.ndarray:
+        """Probabilities of raw text lines as in the dataset's files (`RowsToIds.transform_lines`); `sep`
+        defaults to the dataset's own (Criteo: tab, Avazu: comma)."""
+        return self._proba(self.rows.transform_lines(body, sep or self.schema.delimiter, header, np.int64))
+
+    def _proba(self, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0:
             return np.zeros(0, np.float64)
         return self.compact.predict_proba(ids).astype(np.float64)
