@@ -17,7 +17,7 @@ from deeplight.base.errors import DeeplightError
 from deeplight.model.deepfwfm import DeepFwFM
 from deeplight.model.prune import (Pruner, Targets, damped_sparsity, fastest_first, fit_logit_scale, fold_logit_scale,
                                    prune, prune_as_configured, schedule, sparsity, valid_change, within_tolerance)
-from deeplight.model.train import train
+from deeplight.model.train import make_optimizer, train
 
 from conftest import write_hashed_dataset
 
@@ -36,11 +36,18 @@ def test_damped_schedule_follows_the_paper_and_reaches_the_target():
     assert pruner.level(200) == {"dnn": 0.8, "field": 0.5}
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
 @pytest.mark.parametrize("mode", ["unstructured", "structured"])
-def test_masks_stay_exactly_zero_through_many_adam_steps(mode: str):
+def test_masks_stay_exactly_zero_through_many_adam_steps(mode: str, optimizer: str):
+    """Also with row-wise sparse updates of the embeddings (train.embedding_optimizer=sparse_adam): the masked
+    sparse gradient and the zeroed moments keep a pruned entry at 0, L2 included."""
     torch.manual_seed(0)
     model = DeepFwFM([20] * 6, dnn=(32, 32))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    else:
+        tc = Config().replace(**{"train.embedding_optimizer": "sparse_adam", "train.weight_decay": 1e-2}).train
+        opt = make_optimizer(model, tc, 1e-2)
     pruner = Pruner(model, Targets(dnn=0.7, field=0.6, embedding=0.5), mode=mode, ramp_steps=20, mask_every=5)
     pruner.attach(opt)
     for step in range(1, 301):
@@ -53,6 +60,7 @@ def test_masks_stay_exactly_zero_through_many_adam_steps(mode: str):
         if step >= 20 and step % 10 == 0:
             for name, p in pruner.params.items():
                 assert (p[~pruner.masks[name]] == 0).all(), (name, step)
+                assert (opt.state[p]["exp_avg"][~pruner.masks[name]] == 0).all(), (name, step)
     # Nothing pruned at the end of the ramp came back during the 280 steps after it.
     got = sparsity(model, mode)
     assert got["field"] == pytest.approx(0.6, abs=0.05)

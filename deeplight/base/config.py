@@ -71,6 +71,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N] (deeplight.model.device)
     checkpoint_every: int = 500  # batches between mid-epoch resume checkpoints (0: only at epoch ends)
+    # dense_adam: fused Adam over every parameter | sparse_adam: Adam on the embedding rows a batch touched, L2 on
+    # those rows only (deeplight.model.sparse_optim), fused Adam for the rest.
+    embedding_optimizer: str = "dense_adam"
 
 
 @dataclass(frozen=True)

@@ -307,7 +307,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def _tracker(a: argparse.Namespace, data_dir: str | None = None, system_metrics: bool = False):
     """The command's MLflow tracker (None with --no-mlflow); `data_dir`: the hashed dataset logged as the runs'
     inputs; `system_metrics`: MLflow's CPU/memory/disk samples on training runs."""
-    if a.no_mlflow:
+    from deeplight.model.distributed import env_rank
+
+    if a.no_mlflow or env_rank() != 0:  # under torchrun only rank 0 talks to MLflow
         return None
     from deeplight.ops.tracking import MlflowTracker
 
