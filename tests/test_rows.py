@@ -659,6 +659,8 @@ def test_text_lines_errors_name_row_line_and_field(synthetic):
         "row 0, field 'I99': unknown field in the header line")
     assert error(("\t".join(schema.names[2:]) + "\n" + lines[0]).encode(), True) == \
         "row 0, field 'I1': missing (no such column in the header line)"
+    misspelt = "\t".join(schema.names).replace("C5", "C55")  # recognised as a header all the same
+    assert error((misspelt + "\n" + lines[0]).encode()).startswith("row 0, field 'C55': unknown field in the header")
     with pytest.raises(DeeplightError, match="separator"):
         conv.transform_lines(body, "\n")
 

@@ -834,9 +834,9 @@ class RowsToIds:
             return np.empty((0, len(self.fld_col)), np.int64 if dtype == np.int64 else np.int32)
         first_end = body.find(b"\n")
         first = (body if first_end < 0 else body[:first_end]).rstrip(b"\r").decode().split(sep)
-        if header is None:
-            header = bool(first) and set(first) <= self._known and len(set(first)) == len(first) and \
-                any(name not in self.optional for name in first)
+        if header is None:  # mostly column names, a feature among them: a header (a misspelt one is named below)
+            named = [name for name in first if name in self._known]
+            header = 2 * len(named) >= len(first) and any(name not in self.optional for name in named)
         start = 0
         if header:
             plan = self._plan(tuple(first))
