@@ -1,5 +1,6 @@
 """`prune`: DeepLight pruning of the dense model (DNN, field pairs, embeddings) to the config's targets
-(prune.dnn / prune.field / prune.embedding, prune.mode), then fine-tuning with fixed masks.
+(prune.dnn / prune.field / prune.embedding, prune.mode), then fine-tuning with fixed masks. workers > 1: as a
+Kubeflow PyTorchJob of that many pods, launched and waited for by this step (deeplight.steps.distributed).
 
     task = prune(dense=train_task.outputs["model"], hashed=hash_task.outputs["hashed"], config_json=cfg_json,
                  parent_run_id=parent)
@@ -14,10 +15,15 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prune(dense: Input[Model], hashed: Input[Dataset], config_json: str, parent_run_id: str,
-          model: Output[Model], metrics: Output[Metrics]):
-    from deeplight.steps.pipeline import prune_step
+          model: Output[Model], metrics: Output[Metrics], workers: int = 1):
+    if workers > 1:
+        from deeplight.steps.distributed import job_step
 
-    result = prune_step(dense.path, hashed.path, config_json, model.path, parent_run_id)
+        result = job_step("prune", hashed.path, config_json, model.path, parent_run_id, workers, dense_dir=dense.path)
+    else:
+        from deeplight.steps.pipeline import prune_step
+
+        result = prune_step(dense.path, hashed.path, config_json, model.path, parent_run_id)
     pruning = result["pruning"]
     model.metadata.update({"kind": result["model"], "mlflow_run_id": result["run_id"], "checkpoint": "best.pt",
                            "mode": pruning["mode"], "targets": pruning["targets"]})

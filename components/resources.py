@@ -41,10 +41,20 @@ CACHING: dict[str, tuple[bool, str]] = {
     "register": (False, "creates a registered model version and moves the challenger alias"),
     "promote": (False, "moves the champion alias"),
     "finish_run": (False, "closes the parent run FINISHED or FAILED"),
+    "plan_inputs": (False, "lists prefixes and counts rows: its inputs are URIs, not data (as ingest)"),
+    "ingest_file": (False, "as ingest, for one file"),
+    "merge_counts": (False, "logs the ingest child run to this run's parent"),
+    "apply_features": (False, "consumes artifacts new whenever ingest_file ran"),
+    "gather_hashed": (False, "as hash_features"),
     "sweep_init": (False, "creates or joins the Optuna study and its MLflow run"),
     "sweep_worker": (False, "runs trials in the shared Optuna study"),
     "sweep_select": (False, "measures latency and writes the chosen trial to MLflow"),
 }
+
+
+# The per-file data steps (pipelines/fanout_pipeline.py) get the pods of the step whose work they share out.
+SIZED_LIKE = {"plan_inputs": "ingest", "ingest_file": "ingest", "merge_counts": "hash_features",
+              "apply_features": "hash_features", "gather_hashed": "hash_features"}
 
 
 def step_of(task: Any) -> str:
@@ -57,9 +67,10 @@ def cluster_ready(tasks: list[Any], cluster: ClusterConfig) -> None:
     and its caching option from CACHING."""
     for task in tasks:
         name = step_of(task)
-        pod = getattr(cluster, name)
+        sized = SIZED_LIKE.get(name, name)
+        pod = getattr(cluster, sized)
         if len(pod) != 4:
-            raise DeeplightError(f"cluster.{name}={list(pod)}: want [CPU request, CPU limit, memory request, "
+            raise DeeplightError(f"cluster.{sized}={list(pod)}: want [CPU request, CPU limit, memory request, "
                                  "memory limit], e.g. [\"2\", \"4\", \"4Gi\", \"8Gi\"]")
         cpu_request, cpu_limit, memory_request, memory_limit = pod
         try:  # KFP checks the quantities (2, 500m, 4Gi, 512Mi...)
@@ -68,5 +79,5 @@ def cluster_ready(tasks: list[Any], cluster: ClusterConfig) -> None:
             if cluster.gpus and name in GPU_STEPS:
                 task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(cluster.gpus)
         except ValueError as e:
-            raise DeeplightError(f"cluster.{name}={list(pod)} (gpus {cluster.gpus}): {e}") from None
+            raise DeeplightError(f"cluster.{sized}={list(pod)} (gpus {cluster.gpus}): {e}") from None
         task.set_caching_options(CACHING[name][0])

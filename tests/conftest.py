@@ -61,3 +61,21 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DEEPLIGHT_MLRUNS", str(mlruns))
     return mlruns
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A boto3 S3 client on a real moto S3 server on 127.0.0.1, with the env that points deeplight at it."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "DEEPLIGHT_S3_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(k, v)
+        yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    finally:
+        server.stop()

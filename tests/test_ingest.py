@@ -386,33 +386,21 @@ def test_parse_records_names_row_and_field():
 # --- S3 through a real (moto) server ------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_s3_inputs_through_moto_server(tmp_path, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "DEEPLIGHT_S3_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        s3.create_bucket(Bucket="raw")
-        plain = ("".join(criteo_line(i) + "\n" for i in range(20)) + "oops\n").encode()
-        s3.put_object(Bucket="raw", Key="day0.txt", Body=plain)
-        s3.put_object(Bucket="raw", Key="day1.txt.gz",
-                      Body=gzip.compress("".join(criteo_line(i) + "\n" for i in range(20, 35)).encode()))
-        out = tmp_path / "out"
-        rep = ingest("criteo", ["s3://raw/day0.txt", "s3://raw/day1.txt.gz"], str(out), split_mode="sequential")
-        assert [(i["file"], i["read"], i["quarantined"]) for i in rep["inputs"]] == [
-            ("s3://raw/day0.txt", 21, 1), ("s3://raw/day1.txt.gz", 15, 0)]
-        assert [(r["file"], r["line"], r["text"]) for r in read_quarantine(out)] == [("s3://raw/day0.txt", 21, "oops")]
-        assert sorted(r["I13"] for r in all_rows(out)) == list(range(35))
-        with pytest.raises(DeeplightError, match=r"s3://raw/missing\.txt.*no such file"):
-            ingest("criteo", ["s3://raw/missing.txt"], str(tmp_path / "out2"))
-    finally:
-        server.stop()
+def test_s3_inputs_through_moto_server(tmp_path, moto_s3):
+    s3 = moto_s3
+    s3.create_bucket(Bucket="raw")
+    plain = ("".join(criteo_line(i) + "\n" for i in range(20)) + "oops\n").encode()
+    s3.put_object(Bucket="raw", Key="day0.txt", Body=plain)
+    s3.put_object(Bucket="raw", Key="day1.txt.gz",
+                  Body=gzip.compress("".join(criteo_line(i) + "\n" for i in range(20, 35)).encode()))
+    out = tmp_path / "out"
+    rep = ingest("criteo", ["s3://raw/day0.txt", "s3://raw/day1.txt.gz"], str(out), split_mode="sequential")
+    assert [(i["file"], i["read"], i["quarantined"]) for i in rep["inputs"]] == [
+        ("s3://raw/day0.txt", 21, 1), ("s3://raw/day1.txt.gz", 15, 0)]
+    assert [(r["file"], r["line"], r["text"]) for r in read_quarantine(out)] == [("s3://raw/day0.txt", 21, "oops")]
+    assert sorted(r["I13"] for r in all_rows(out)) == list(range(35))
+    with pytest.raises(DeeplightError, match=r"s3://raw/missing\.txt.*no such file"):
+        ingest("criteo", ["s3://raw/missing.txt"], str(tmp_path / "out2"))
 
 
 # --- the real samples (read in place, never copied) ---------------------------------------------------------

@@ -1,9 +1,11 @@
 """`deeplight pipeline compile | run-local | submit | schedule`: the KFP pipelines (pipelines/deeplight_pipeline.py,
-`--pipeline sweep`: pipelines/sweep_pipeline.py) from the command line. This module and the components are the
+`--pipeline fanout`: pipelines/fanout_pipeline.py, per-file data steps; `--pipeline sweep`:
+pipelines/sweep_pipeline.py) from the command line. This module and the components are the
 only deeplight code that imports kfp (lazily).
 
     deeplight pipeline compile [--pipeline sweep] [--out FILE] [--image REGISTRY/deeplight:TAG] [--gpus N]
     deeplight pipeline run-local [--input FILE ...] [--rows 300000] [--epochs 2] [pipeline settings]
+    deeplight pipeline run-local --pipeline fanout --input day_0.txt day_1.txt ... [pipeline settings]
     deeplight pipeline submit --host https://kfp.example.com --input s3://bucket/day_0.gz [--image ...] [settings]
     deeplight pipeline schedule --cron '0 2 * * *' --host URL --input s3://bucket/latest.gz [settings]
 
@@ -59,26 +61,20 @@ _FLAGS = {
     "embedding": "embedding_sparsity", "mode": "prune_mode", "ramp_epochs": "ramp_epochs",
     "finetune_epochs": "finetune_epochs", "model_name": "model_name",
     "promote": "promote_model", "tolerance": "promote_tolerance", "latency_slo_us": "latency_slo_us",
-    "run_name": "run_name",
+    "run_name": "run_name", "train_workers": "train_workers",
 }
-
-
-def _import_pipeline():
-    """pipelines.deeplight_pipeline: an installed package (pyproject lists `pipelines` and `components`)."""
-    from pipelines import deeplight_pipeline
-
-    return deeplight_pipeline
 
 
 # --- compile ---------------------------------------------------------------------------------------------
 
 # --pipeline NAME -> (module in pipelines/, where a checkout keeps its compiled YAML)
 PIPELINES = {"deeplight": ("deeplight_pipeline", DEFAULT_YAML),
+             "fanout": ("fanout_pipeline", Path("pipelines") / "fanout_pipeline.yaml"),
              "sweep": ("sweep_pipeline", Path("pipelines") / "sweep_pipeline.yaml")}
 
 
 def pipeline_function(pipeline: str = "deeplight", cluster: Any = None) -> Any:
-    """The pipeline named `pipeline` (deeplight | sweep), its pods sized by `cluster` (a ClusterConfig; default:
+    """The pipeline named `pipeline` (deeplight | fanout | sweep), its pods sized by `cluster` (a ClusterConfig; default:
     Config().cluster, the committed YAML's)."""
     import importlib
 
@@ -233,8 +229,9 @@ class StepLog(io.TextIOBase):
 
 
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
-              mlruns: str | Path | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Run the pipeline with kfp.local.SubprocessRunner in this venv; returns the summary read from MLflow.
+              mlruns: str | Path | None = None, verbose: bool = True, pipeline: str = "deeplight") -> dict[str, Any]:
+    """Run the pipeline (deeplight, or fanout: per-file data steps) with kfp.local.SubprocessRunner in this venv;
+    returns the summary read from MLflow.
     A failed step raises DeeplightError with the step's own message (also on the MLflow parent run).
 
     `verbose=False`: KFP's and the steps' output goes to `<pipeline_root>/<run name>.log` (summary["log"]) and
@@ -253,7 +250,9 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
     root = Path(pipeline_root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = _import_pipeline().deeplight_pipeline
+    if pipeline not in ("deeplight", "fanout"):
+        raise DeeplightError(f"run-local --pipeline {pipeline!r}: choose deeplight or fanout")
+    function = pipeline_function(pipeline)
     started = time.perf_counter()
     log_path = root / f"{arguments['run_name']}.log"
     # KFP's local runner prints the steps' output and its own log lines to sys.stdout (looked up at each call)
@@ -264,7 +263,7 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path = "out/kfp",
             # display names and pod resources (CPU/memory requests and limits) only apply on a cluster.
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=r".*settings \[.*\] have no effect in the current local runner")
-            pipeline(**arguments)
+            function(**arguments)
     except RuntimeError as e:
         where = f" (every step's output: {log_path})" if step_log else ""
         raise DeeplightError(_failure_message(arguments["run_name"], e) + where) from None
@@ -555,7 +554,8 @@ def add_cluster_options(sp: argparse.ArgumentParser) -> None:
     from deeplight.cli.options import DEFAULTS as D
 
     sp.add_argument("--pipeline", choices=sorted(PIPELINES), default="deeplight",
-                    help="deeplight (train, prune, evaluate, register) or sweep (Optuna sparsity sweep)")
+                    help="deeplight (train, prune, evaluate, register), fanout (the same with per-file data "
+                         "steps in parallel) or sweep (Optuna sparsity sweep)")
     sp.add_argument("--gpus", type=int, help=f"GPUs ({D.cluster.gpu_type}) for each train, prune and sweep worker "
                                              "pod (needs an image with a CUDA build of torch; default: none)")
 
@@ -618,6 +618,9 @@ def add_pipeline_settings(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=float, help=f"promotion: max AUC drop vs the champion (default {D.promote.tolerance})")
     g.add_argument("--latency-slo-us", type=float, help="promotion: SLO on the served latency of one raw row, microseconds (default: none)")
     g.add_argument("--run-name", help="MLflow parent run name (default: generated)")
+    g.add_argument("--train-workers", type=int,
+                   help="pods of the train and prune steps: > 1 runs each as a Kubeflow PyTorchJob of that many ranks "
+                        f"(README: On a cluster; default {D.cluster.train_workers}: the step's own pod)")
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -638,6 +641,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", nargs="+", help="raw files (default: synthetic Criteo, generated on first use)")
     sp.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of the default synthetic data")
     sp.add_argument("--pipeline-root", default="out/kfp", help="where step outputs go")
+    sp.add_argument("--pipeline", choices=["deeplight", "fanout"], default="deeplight",
+                    help="fanout: ingest and feature ids per input file in parallel (KFP ParallelFor), then the "
+                         "same steps; the same hashed data as deeplight")
     sp.add_argument("--verbose", action="store_true",
                     help="stream KFP's and every step's output (default: a line per step and progress; the rest "
                          "goes to PIPELINE_ROOT/RUN_NAME.log)")
@@ -669,7 +675,7 @@ def main(a: argparse.Namespace) -> None:
         if not a.input:
             seed = a.seed if a.seed is not None else 0
             arguments["input_uris"] = [str(default_input(a.rows, seed, dataset=config_of(arguments).data.dataset))]
-        summary = run_local(arguments, pipeline_root=a.pipeline_root, verbose=a.verbose)
+        summary = run_local(arguments, pipeline_root=a.pipeline_root, verbose=a.verbose, pipeline=a.pipeline)
         print_summary(summary)
     elif a.pipeline_command == "submit":
         result = submit(a.host, arguments_for(a), package=a.package, image=a.image, experiment=a.experiment,

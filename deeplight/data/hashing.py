@@ -82,14 +82,22 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
         raise DeeplightError(f"{root}: no train split directory ({root / 'train'}) to fit the feature map on")
     if buckets is not None:
         return FeatureMap.hashed(schema.name, buckets)
-    if not _is_int(min_count) or min_count < 1:
-        raise DeeplightError(f"min_count must be an integer >= 1, got {min_count!r}")
-    specs = [FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
-    counters = [_Counts() for _ in specs]
-    files = splits["train"]
-    if min_count is not None and _count_rows(files) == 0:
+    _check_min_count(min_count)
+    if _count_rows(splits["train"]) == 0:
         raise DeeplightError(f"{root / 'train'}: the train split is empty; a vocabulary fitted on it would map every "
                              "value to unknown (ingest more rows, change --split, or use --buckets)")
+    return _vocab_map(schema, _count_train_values(schema, splits["train"]), min_count)
+
+
+def _check_min_count(min_count: object) -> None:
+    if not _is_int(min_count) or min_count < 1:
+        raise DeeplightError(f"min_count must be an integer >= 1, got {min_count!r}")
+
+
+def _count_train_values(schema: DatasetSchema, files: list[Path]) -> list[_Counts]:
+    """Per feature field (schema order): how often each key occurs in `files` (the train split)."""
+    specs = [FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
+    counters = [_Counts() for _ in specs]
 
     def count(batch: pa.RecordBatch, path: Path, start: int) -> list[tuple[pa.Array, np.ndarray]]:
         out = []
@@ -106,12 +114,130 @@ def fit_feature_map(input_dir: str, buckets: int | None = None, min_count: int |
                 for counter, (keys, counts) in zip(counters, per_field):
                     counter.add(keys, counts)
                 bar.update(rows)
+    return counters
+
+
+def _vocab_map(schema: DatasetSchema, counters: list[_Counts], min_count: int) -> FeatureMap:
+    """The vocabulary feature map from whole-train-split counts: min_count applied here, after any merge."""
+    specs = [FieldSpec(f.name, f.source, f.kind, 0, []) for f in schema.feature_fields]
     for f, counter in zip(specs, counters):
         f.vocab = counter.vocab(min_count)
         f.size = 2 + len(f.vocab)
         if f.size >= 2**31:
             raise DeeplightError(f"field {f.name!r}: vocabulary of {len(f.vocab)} values does not fit int32 ids")
     return FeatureMap(schema.name, "vocab", None, min_count, specs)
+
+
+# --- per-file counts, merged (the fan-out pipeline) ------------------------------------------------------
+
+COUNTS_FILE = "value_counts.parquet"
+
+
+def write_value_counts(input_dir: str, out_dir: str) -> dict:
+    """Count the keys of every feature field in the train split of one ingested part (one input file) and write
+    them to OUT/value_counts.parquet (field, key, count), with no threshold: `feature_map_from_counts` sums the
+    parts and applies min_count over the whole train split. Returns {"dataset", "rows", "keys"}."""
+    root, schema, splits = _ingested_layout(input_dir)
+    files = splits.get("train", [])
+    counters = _count_train_values(schema, files) if files else [_Counts() for _ in schema.feature_fields]
+    tables = []
+    for j, counter in enumerate(counters):
+        keys, counts = counter.compact()
+        tables.append(pa.table({"field": pa.array(np.full(len(keys), j, np.int32)), "key": keys,
+                                "count": from_numpy(counts)}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.concat_tables(tables)
+    pq.write_table(table, out / COUNTS_FILE)
+    summary = {"dataset": schema.name, "rows": _count_rows(files), "keys": table.num_rows}
+    write_json(out / "counts.json", summary)
+    return summary
+
+
+def feature_map_from_counts(count_dirs: list[str], buckets: int | None = None,
+                            min_count: int | None = None) -> FeatureMap:
+    """The feature map `fit_feature_map` would fit on the union of the parts' train splits, from their
+    `write_value_counts` outputs (any order): counts summed per key, then min_count, then the usual id order
+    (count descending, key ascending), so ids and fingerprint are identical."""
+    if (buckets is None) == (min_count is None):
+        raise DeeplightError("give exactly one of buckets (stable hashing) or min_count (vocabulary)")
+    if not count_dirs:
+        raise DeeplightError("no per-file value counts to merge")
+    summaries = [read_json(Path(d) / "counts.json") for d in count_dirs]
+    datasets = {s["dataset"] for s in summaries}
+    if len(datasets) != 1:
+        raise DeeplightError(f"value counts of different datasets: {sorted(datasets)}")
+    schema = get_schema(datasets.pop())
+    if buckets is not None:
+        return FeatureMap.hashed(schema.name, buckets)
+    _check_min_count(min_count)
+    if sum(s["rows"] for s in summaries) == 0:
+        raise DeeplightError(f"the train split of all {len(count_dirs)} files is empty; a vocabulary fitted on it "
+                             "would map every value to unknown (ingest more rows, change --split, or use --buckets)")
+    counters = [_Counts() for _ in schema.feature_fields]
+    for d in count_dirs:
+        path = Path(d) / COUNTS_FILE
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DeeplightError(f"{path}: not readable value counts ({e})") from None
+        fields, keys = to_numpy(table["field"].combine_chunks()), table["key"].combine_chunks()
+        counts = to_numpy(table["count"].combine_chunks())
+        for j, counter in enumerate(counters):
+            rows = np.flatnonzero(fields == j)
+            if len(rows):
+                counter.add(keys.take(from_numpy(rows)), counts[rows])
+    return _vocab_map(schema, counters, min_count)
+
+
+def apply_feature_map_to_part(fmap: FeatureMap, input_dir: str, out_dir: str) -> dict:
+    """`apply_feature_map` on one file's ingested part (an `ingest_file` output); OUT/part.json keeps the file's
+    place among the inputs for `gather_hashed`. Returns the manifest."""
+    report = read_json(Path(input_dir) / "report.json")
+    if not isinstance(report, dict) or "part" not in report:
+        raise DeeplightError(f"{input_dir}/report.json: not a per-file ingest (no \"part\"); use apply_feature_map")
+    manifest = apply_feature_map(fmap, input_dir, out_dir)
+    write_json(Path(out_dir) / "part.json", report["part"])
+    return manifest
+
+
+def gather_hashed(part_dirs: list[str], out_dir: str) -> dict:
+    """One hashed dataset from per-file ones (`apply_feature_map` of each file's ingested part with one feature map),
+    ordered by each part's file index (dataset.json "part"): OUT/{split}/part-FFFFF-NNNNN.parquet (file F's parts,
+    hard links when the filesystem allows, else copies), so the splits hold the rows of one `hash_dataset` of all
+    files in the same order. Returns the manifest."""
+    if not part_dirs:
+        raise DeeplightError("no hashed parts to gather")
+    parts = sorted((read_json(Path(d) / "part.json")["index"], Path(d)) for d in part_dirs)
+    manifests = [read_json(d / "manifest.json") for _, d in parts]
+    fps = {m["feature_map_fingerprint"] for m in manifests}
+    if len(fps) != 1:
+        raise DeeplightError(f"hashed parts with different feature maps ({len(fps)} fingerprints): "
+                             "every file must be mapped with the one merged feature map")
+    rows = {s: 0 for s in SPLITS}
+    fingerprints: dict[str, str] = {}
+    with atomic_output_dir(out_dir, step="hash", inputs=[d for _, d in parts], legacy_files=("feature_map.json",)) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir()
+            written = []
+            for index, d in parts:
+                for src in sorted((d / split).glob("*.parquet")):
+                    dst = tmp / split / f"part-{int(index):05d}-{src.name[len('part-'):]}"
+                    try:
+                        os.link(src, dst)
+                    except OSError:  # another filesystem (KFP artifacts on a cluster): copy
+                        shutil.copyfile(src, dst)
+                    written.append(dst)
+            rows[split] = sum(m["rows"][split] for m in manifests)
+            fingerprints[split] = fingerprint_files(written)
+        first = parts[0][1]
+        for name in ("feature_map.json", "dataset.json"):
+            shutil.copyfile(first / name, tmp / name)
+        manifest = {**{k: manifests[0][k] for k in ("dataset", "mode", "field_names", "field_sizes",
+                                                      "feature_map_fingerprint")},
+                    "rows": rows, "fingerprints": fingerprints, "source": [m["source"] for m in manifests]}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
 
 
 # --- applying --------------------------------------------------------------------------------------------

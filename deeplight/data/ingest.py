@@ -48,6 +48,7 @@ from typing import Callable, Iterator, TextIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from deeplight.base.arrow import from_numpy
@@ -390,28 +391,126 @@ def _check_header(schema: DatasetSchema, uri: str, line: bytes) -> None:
 
 def ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1),
            split_mode: str = "random", seed: int = 0, max_bad_fraction: float = 0.5) -> dict:
-    """Raw files -> typed Parquet splits in `out_dir` (atomically); returns the report (also report.json)."""
-    return _ingest(dataset, inputs, out_dir, split, split_mode, seed, max_bad_fraction)
+    """Raw files -> typed Parquet splits in `out_dir` (atomically); returns the report (also report.json).
+    An input ending in "/" (s3://bucket/day/ or a local folder) stands for the files under it (`expand_inputs`)."""
+    return _ingest(dataset, expand_inputs(inputs), out_dir, split, split_mode, seed, max_bad_fraction)
+
+
+# --- per-file ingest (the fan-out pipeline: one KFP task per input file) -------------------------------------
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Inputs with every prefix ("s3://bucket/day/" or a local folder ending in "/") replaced by the files under it,
+    sorted by name (hidden files and folders skipped); other inputs kept as given, in order.
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp(); _ = [open(os.path.join(d, n), "w").close() for n in ("b.txt", "a.txt", ".x")]
+    >>> [os.path.basename(u) for u in expand_inputs([d + "/"])]
+    ['a.txt', 'b.txt']
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        raise DeeplightError("ingest: give a list of input files")
+    out: list[str] = []
+    for uri in map(str, inputs):
+        if not uri.endswith("/"):
+            out.append(uri)
+            continue
+        fs, path = resolve(uri)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True))
+        except (OSError, FileNotFoundError) as e:
+            raise DeeplightError(f"{uri}: cannot list ({e})") from None
+        scheme = "s3://" if uri.startswith("s3://") else ""
+        found = sorted(scheme + i.path for i in infos if i.type == pafs.FileType.File
+                       and not any(part.startswith(".") for part in i.path[len(path.rstrip("/")):].split("/")))
+        if not found:
+            raise DeeplightError(f"{uri}: no files under this prefix")
+        out.extend(found)
+    return out
+
+
+def plan_files(dataset: str, inputs: list[str], block_size: int = BLOCK_BYTES) -> list[dict]:
+    """One work item per input file for a per-file ingest: {"index", "uri", "rows", "first_row", "rows_total"}.
+
+    Counts every file's data rows (a newline-counting pass, files in parallel threads) so that each file knows the
+    global index of its first row: the split of a row is then decided exactly as by one `ingest` of all inputs
+    (random: a hash of (seed, global row index); sequential: position among all rows), whichever worker reads it.
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp(); row = "\\t".join(["1"] * 14 + ["68fd1e64"] * 26) + "\\n"
+    >>> for name, n in (("a.txt", 3), ("b.txt", 2)): _ = open(os.path.join(d, name), "w").write(row * n)
+    >>> [(f["index"], f["rows"], f["first_row"], f["rows_total"]) for f in plan_files("criteo", [d + "/"])]
+    [(0, 3, 0, 5), (1, 2, 3, 5)]
+    """
+    schema = get_schema(dataset)
+    uris = expand_inputs(inputs)
+    for uri in uris:
+        open_input(uri).close()
+    with ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="deeplight-count") as pool:
+        counts = list(pool.map(lambda u: _count_rows(u, schema.header, block_size), uris))
+    items, first = [], 0
+    for i, (uri, rows) in enumerate(zip(uris, counts)):
+        if rows == 0:
+            raise DeeplightError(f"{uri}: no data rows")
+        items.append({"index": i, "uri": uri, "rows": rows, "first_row": first})
+        first += rows
+    return [{**item, "rows_total": first} for item in items]
+
+
+def ingest_file(dataset: str, item: dict, out_dir: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                split_mode: str = "random", seed: int = 0, max_bad_fraction: float = 0.5, **sizes: int) -> dict:
+    """Ingest the one input of a `plan_files` item into `out_dir`, its rows numbered from item["first_row"] among
+    item["rows_total"]: the rows of each split, their order and the quarantine lines (file and line) are exactly
+    that file's share of one `ingest` of all inputs. The report carries the item ("part")."""
+    try:
+        index, uri, rows = int(item["index"]), str(item["uri"]), int(item["rows"])  # KFP passes numbers as floats
+        first_row, rows_total = int(item["first_row"]), int(item["rows_total"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeeplightError(f"ingest: not a plan_files item ({e}): {item!r}") from None
+    report = _ingest(dataset, [uri], out_dir, split, split_mode, seed, max_bad_fraction, first_row=first_row,
+                     rows_total=rows_total, **sizes)
+    if report["read"] != rows:  # the next files' row numbers were computed from this count
+        raise DeeplightError(f"{uri}: changed since it was counted ({rows} rows counted, then {report['read']} read)")
+    report["part"] = {"index": index, "uri": uri, "rows": rows, "first_row": first_row, "rows_total": rows_total}
+    write_json(Path(out_dir) / "report.json", report)
+    return report
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """The report one `ingest` of all inputs would have written, from the per-file reports (any order)."""
+    if not reports:
+        raise DeeplightError("ingest: no per-file reports to merge")
+    reports = sorted(reports, key=lambda r: r["part"]["index"])
+    first = reports[0]
+    merged = {"dataset": first["dataset"], "inputs": [r["inputs"][0] for r in reports],
+              **{k: sum(r[k] for r in reports) for k in ("read", "written", "quarantined")},
+              "splits": {s: sum(r["splits"][s] for r in reports) for s in SPLITS},
+              "split": first["split"], "split_mode": first["split_mode"], "seed": first["seed"]}
+    return merged
 
 
 def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, float, float] = (0.8, 0.1, 0.1),
             split_mode: str = "random", seed: int = 0, max_bad_fraction: float = 0.5, *,
-            block_size: int = BLOCK_BYTES, part_rows: int = PART_ROWS, row_group_rows: int = ROW_GROUP_ROWS
-            ) -> dict:
-    """`ingest` with the block size, part size and row-group size exposed (tests use tiny ones)."""
+            block_size: int = BLOCK_BYTES, part_rows: int = PART_ROWS, row_group_rows: int = ROW_GROUP_ROWS,
+            first_row: int = 0, rows_total: int | None = None) -> dict:
+    """`ingest` with the block size, part size and row-group size exposed (tests use tiny ones). first_row: the
+    global index of the first input's first data row; rows_total: all rows of a sequential split (both from
+    `plan_files`, for one file of many)."""
     schema = get_schema(dataset)
     fractions = _check_args(inputs, split, split_mode, max_bad_fraction)
     inputs = [str(u) for u in inputs]
     for uri in inputs:  # fail fast on a missing input, before reading anything
         open_input(uri).close()
     counts: list[int | None] = [None] * len(inputs)
-    if split_mode == "sequential":
+    if split_mode == "sequential" and rows_total is not None:  # counted by plan_files (ingest_file checks it)
+        total = rows_total
+        splitter: Callable[[np.ndarray], np.ndarray] = lambda rows: sequential_splits(total, rows, fractions)
+    elif split_mode == "sequential":
         counts = [_count_rows(uri, schema.header, block_size) for uri in inputs]
         for uri, count in zip(inputs, counts):
             if count == 0:
                 raise DeeplightError(f"{uri}: no data rows")
         total = sum(counts)  # type: ignore[arg-type]
-        splitter: Callable[[np.ndarray], np.ndarray] = lambda rows: sequential_splits(total, rows, fractions)
+        splitter = lambda rows: sequential_splits(total, rows, fractions)
     else:
         splitter = lambda rows: random_splits(seed, rows, fractions)
 
@@ -430,7 +529,7 @@ def _ingest(dataset: str, inputs: list[str], out_dir: str, split: tuple[float, f
                 pending.pop(0).result()
             pending.append(pool.submit(_write_tables, writers, tables))
 
-        row_base = 0
+        row_base = first_row
         for uri, st, count in zip(inputs, stats, counts):
             _ingest_input(schema, uri, st, row_base, splitter, block_size, bar.update, quarantine, submit,
                           parse_pool)
