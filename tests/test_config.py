@@ -107,3 +107,16 @@ def test_every_model_name_in_the_docs_and_code_is_the_one_default():
             if name not in ("NAME", "ctr"):
                 names.setdefault(name, []).append(f.relative_to(repo).as_posix())
     assert set(names) == {default}, names
+
+
+def test_a_config_saved_before_the_search_was_the_default_prunes_with_its_budget():
+    """Dense checkpoints from before prune.auto hold prune.max_auc_loss None ("no search") and no `auto` key;
+    `deeplight prune` starts from that config, so it must get the search's default budget, not crash on None."""
+    from deeplight.steps.pipeline import prune_label
+
+    old = Config().to_dict()
+    old["prune"]["max_auc_loss"] = None
+    del old["prune"]["auto"]
+    cfg = Config.from_dict(json.loads(json.dumps(old)))
+    assert cfg.prune.auto and cfg.prune.max_auc_loss == 0.001
+    assert prune_label(cfg) == "auto-max-auc-loss0p001"

@@ -109,6 +109,13 @@ class PruneConfig:
     max_logloss_gain: float = 0.002
     tolerance_se: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Configs saved before the search was the default (in every older dense checkpoint, which `deeplight
+        # prune` starts from) hold None for "no search": the search now needs its budget, so None is the default.
+        for name in ("max_auc_loss", "max_logloss_gain"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(type(self), name))
+
 
 @dataclass(frozen=True)
 class SweepConfig:

@@ -447,8 +447,6 @@ def choose_operating_point(dense_checkpoint: str | Path, data_dir: str | Path, o
     import shutil
 
     p, out = cfg.prune, Path(out_dir)
-    if p.max_auc_loss is None:  # a config written before the search was the default: its tolerance
-        p = dataclasses.replace(p, max_auc_loss=PruneConfig.max_auc_loss)
     if p.max_auc_loss < 0 or p.max_logloss_gain < 0 or p.tolerance_se < 0:
         raise DeeplightError("operating point: max_auc_loss, max_logloss_gain and tolerance_se must be >= 0")
     labels, dense_logits = valid_logits(dense_checkpoint, data_dir)  # the dense side of every comparison
