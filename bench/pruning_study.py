@@ -45,6 +45,9 @@ VARIANTS = {
     "steps+lr3e-4": ("new", ["--distill-weight", "0", *LR3]),
     "steps+distill+lr3e-4": ("new", ["--distill-weight", "1", *LR3]),
     "auto-0.001": ("new", ["--max-auc-loss", "0.001", "--distill-weight", "1", *LR3]),
+    # The operating point search as `deeplight prune` runs it by default now (prune.auto, the new settings list);
+    # lr given because `deeplight prune` takes the prune section from the dense checkpoint, which predates 3e-4.
+    "auto": ("new", LR3),
 }
 # One component at a time (structured, distillation, lr 3e-4): which one costs the AUC, which one buys the
 # batch-1 latency (the re-timing puts each beside its dense model in one process).
