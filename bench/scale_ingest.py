@@ -102,7 +102,8 @@ def _run(code: str, *args: str) -> str:
     done = subprocess.run([PY, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"benchmark step failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""  # the plan step writes its JSON to a file and prints nothing
 
 
 def single(files: list[Path], work: Path) -> dict:
