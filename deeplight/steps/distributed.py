@@ -11,8 +11,9 @@ creates a PyTorchJob of `workers` pods on `image` (deeplight.ops.pytorchjob) run
 one-pod step would; no torchrun: the operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK in each pod),
 waits for it, copies SHARED/out into the step's output artifact and logs the step's MLflow child run (params,
 metrics, checkpoint) under the pipeline's parent run, as the one-pod step does. A failed rank fails the step with
-the job's message and each failed pod's reason and last log lines. Running the step again with the same
-`job_key` resumes from the checkpoints on the shared volume.
+the job's message and each failed pod's reason and last log lines. Each call makes a new job (a random key);
+with the same `job_key` a call reuses the job's folder and resumes from its checkpoints, once the old
+PyTorchJob of that name is deleted (the pipeline's components pass no key, so a retried step starts over).
 
     from deeplight.steps.distributed import job_step
     job_step("train", "out/hashed", cfg_json, "out/dense", parent, workers=4, image="REGISTRY/deeplight:TAG")
