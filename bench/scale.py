@@ -78,6 +78,14 @@ def step_phases(hashed: Path, cfg: Config, steps: int = 30) -> dict[str, float]:
     return spent
 
 
+def _run_summary(result: dict, started: float) -> dict:
+    """What both parts report of one training run: AUCs, best epoch, mean samples/s over its epochs, wall time."""
+    hist = result["history"]
+    return {"valid_auc": result["valid"]["auc"], "test_auc": result["test"]["auc"],
+            "best_epoch": result["best_epoch"], "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
+            "wall_s": time.perf_counter() - started}
+
+
 def optimizers(hashed: Path, work: Path, cfg: Config) -> list[dict]:
     """Step phases and one full training run per embedding optimiser, in this one process."""
     rows = []
@@ -87,11 +95,8 @@ def optimizers(hashed: Path, work: Path, cfg: Config) -> list[dict]:
         print(f"{kind}: step phases ms {json.dumps({k: round(v, 1) for k, v in phases.items()})}", flush=True)
         started = time.perf_counter()
         r = train(hashed, work / f"train-{kind}", c)
-        hist = r["history"]
-        row = {"embedding_optimizer": kind, "phases_ms": phases, "valid_auc": r["valid"]["auc"],
-               "test_auc": r["test"]["auc"], "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"],
-               "samples_per_s": sum(h["samples_per_s"] for h in hist) / len(hist),
-               "wall_s": time.perf_counter() - started}
+        row = {"embedding_optimizer": kind, "phases_ms": phases, "epochs_run": r["epochs_run"],
+               **_run_summary(r, started)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     base = rows[0]
@@ -143,10 +148,9 @@ def ranks(hashed: Path, work: Path, cfg: Config, counts: tuple[int, ...] = (1, 2
         subprocess.run([*launcher, "train", "--data", str(hashed), "--out", str(out), *flags], check=True, env=env,
                        stdout=subprocess.DEVNULL)
         r = json.loads((out / "results.json").read_text())
-        speed = sum(h["samples_per_s"] for h in r["history"]) / len(r["history"])
-        row = {"ranks": n, "valid_auc": r["valid"]["auc"], "test_auc": r["test"]["auc"],
-               "best_epoch": r["best_epoch"], "global_batch": r["batch_size"], "samples_per_s": speed,
-               "step_ms": 1000 * r["batch_size"] / speed, "wall_s": time.perf_counter() - started,
+        summary = _run_summary(r, started)
+        row = {"ranks": n, **summary, "global_batch": r["batch_size"],
+               "step_ms": 1000 * r["batch_size"] / summary["samples_per_s"],
                **{k: v for k, v in r.get("distributed", {}).items() if k != "rank_digests"}}
         print(json.dumps(row), flush=True)
         rows.append(row)
