@@ -790,13 +790,14 @@ def test_vocabulary_keys_longer_and_shorter_than_a_table_word(synthetic):
         field["vocab"], field["size"] = vocab, len(vocab) + 2
         return RowsToIds(FeatureMap.from_dict(d))
 
-    vocab = ["abcdefghij", "abcdefgh", "abcdefghijk", "ab", "ü€ü€ü€", "PLACEHOLDER"]
+    vocab = ["abcdefghij", "abcdefgh", "abcdefghijk", "ab", "ü€ü€ü€", "abcdefghijklmnopqrstuvwxyz", "PLACEHOLDER"]
     conv = converter(vocab)  # the table's size and hash basis depend on the field and the vocabulary's size
     f = [x.name for x in conv.fmap.fields].index(field["name"])
 
     def slot(text: str) -> int:
         b = np.frombuffer(text.encode(), np.uint8)
-        return int(rows_module._hash(b, 0, len(b), conv.basis[f]) & np.uint64(conv.tab_mask[f]))
+        h = rows_module._table_hash(b, 0, len(b), rows_module._word8(b, 0, len(b)), conv.basis[f])
+        return int(h & np.uint64(conv.tab_mask[f]))
 
     def colliding(pattern: str, target: str) -> str:
         return next(t for t in (pattern.format(k) for k in range(10**5)) if slot(t) == slot(target))
@@ -805,7 +806,8 @@ def test_vocabulary_keys_longer_and_shorter_than_a_table_word(synthetic):
     conv = converter(vocab)
     near = ["abcdefghi", colliding("abcdefgh{:02d}", "abcdefghij"), colliding("abcdefghi{}", "abcdefghij"),
             colliding("abcdefgh{:03d}", "abcdefghijk"), colliding("abcdefgh{}", "abcdefgh")]
-    probes = vocab + near + ["abcdefghiX", "abcdefg", "abcdefghijkl", "abcdefgh\x00", "a", "ü€ü€ü", ""]
+    probes = vocab + near + ["abcdefghiX", "abcdefg", "abcdefghijkl", "abcdefgh\x00", "a", "ü€ü€ü", "",
+                             "abcdefghijklmnopqrstuvwxyZ", "abcdefghijklmnopqrstuvwxy", "abcdefghijklmnopqrstuvwxyz!"]
     rows = []
     for i, value in enumerate(probes):
         r = dict(recs[i % len(recs)])
