@@ -174,7 +174,7 @@ class GradientSync:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed gradient of the rows any rank touched, by one all-reduce of the whole table with a touched
         flag per row (so a touched row whose gradient sums to 0 still counts as touched, as in one process)."""
-        width = values[0].numel() if len(values) else p[0].numel()
+        width = p[0].numel()  # a row's size (1 for a table of scalars), which every gradient row has too
         table = p.new_zeros((len(p), width + 1))
         table[rows, :width] = values.reshape(len(rows), width)
         table[rows, width] = 1
