@@ -111,7 +111,8 @@ def test_every_model_name_in_the_docs_and_code_is_the_one_default():
 
 def test_a_config_saved_before_the_search_was_the_default_prunes_with_its_budget():
     """Dense checkpoints from before prune.auto hold prune.max_auc_loss None ("no search") and no `auto` key;
-    `deeplight prune` starts from that config, so it must get the search's default budget, not crash on None."""
+    such a config must still load (config_of reads it, e.g. for a sweep's check of a trial's training settings)
+    and give the search's default budget, not crash on None."""
     from deeplight.steps.pipeline import prune_label
 
     old = Config().to_dict()
@@ -120,3 +121,29 @@ def test_a_config_saved_before_the_search_was_the_default_prunes_with_its_budget
     cfg = Config.from_dict(json.loads(json.dumps(old)))
     assert cfg.prune.auto and cfg.prune.max_auc_loss == 0.001
     assert prune_label(cfg) == "auto-max-auc-loss0p001"
+
+
+def test_pruning_takes_the_model_and_training_from_the_checkpoint_and_todays_prune_settings(tmp_path):
+    """`deeplight prune` and a sweep over a given dense checkpoint: data/features/model/train come from the
+    checkpoint; prune settings (and everything else) from today's defaults, then the command line. A checkpoint
+    trained when the prune lr default was 1e-4 and there was no search must not prune that way unasked."""
+    from deeplight.model import checkpoint
+    from deeplight.model.prune import config_for_pruning
+    from deeplight.ops.sweep.run import base_config
+
+    trained = Config().replace(**{"model.dnn": [16, 8], "train.batch_size": 256, "train.weight_decay": 1e-6,
+                                  "data.dataset": "avazu", "prune.lr": 1e-4, "prune.auto": False,
+                                  "prune.distill_weight": 0.0, "registry.model_name": "old-name"})
+    path = tmp_path / "best.pt"
+    checkpoint.save({"spec": {"field_sizes": [3, 4]}, "model": {}, "config": trained.to_json()}, path)
+
+    cfg = config_for_pruning(path)
+    assert (cfg.data, cfg.features, cfg.model, cfg.train) == (trained.data, trained.features, trained.model,
+                                                              trained.train)
+    assert cfg.prune == Config().prune and cfg.prune.lr != 1e-4 and cfg.prune.auto
+    assert cfg.registry == Config().registry
+    a = build_parser().parse_args(["prune", "--dense", str(path), "--data", "d", "--out", "o",
+                                   "--set", "prune.distill_weight=0.5"])
+    assert config_from(a, config_for_pruning(path)).prune.distill_weight == 0.5  # the command line still wins
+    swept = base_config({"prune.ramp_epochs": 1.0}, dense=path)
+    assert swept.model == trained.model and swept.prune.lr == Config().prune.lr and swept.prune.ramp_epochs == 1.0

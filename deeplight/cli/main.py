@@ -115,11 +115,11 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_prune(a: argparse.Namespace) -> None:
     from deeplight.cli.options import overrides
-    from deeplight.model.prune import config_of, prune_as_configured
+    from deeplight.model.prune import config_for_pruning, prune_as_configured
 
     from deeplight.steps.pipeline import prune_label
 
-    cfg = config_from(a, config_of(a.dense))
+    cfg = config_from(a, config_for_pruning(a.dense))
     given = overrides(a)
     if {"prune.dnn", "prune.field", "prune.embedding", "prune.mode"} & set(given) or "prune.max_auc_loss" in given:
         # explicit targets ask for those targets, --max-auc-loss for the search (--set prune.auto=... wins)

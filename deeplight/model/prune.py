@@ -356,6 +356,17 @@ def config_of(dense_checkpoint: str | Path) -> Config:
     return Config.from_dict(json.loads(checkpoint.load_checkpoint(dense_checkpoint)["config"]))
 
 
+def config_for_pruning(dense_checkpoint: str | Path) -> Config:
+    """What `deeplight prune` and a sweep over a given dense checkpoint start from: the checkpoint's data,
+    features, model and train sections (what the model is and how training continues) and today's defaults for
+    everything else. How to prune is the pruning step's to say (its flags and --set), not whatever prune
+    settings the checkpoint carried from when it was trained: a checkpoint from before a default changed would
+    otherwise prune with the old one (lr 1e-4, no search) without saying so."""
+    trained = config_of(dense_checkpoint)
+    return dataclasses.replace(Config(), data=trained.data, features=trained.features, model=trained.model,
+                               train=trained.train)
+
+
 def prune_as_configured(dense_checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: Config,
                         tracker: Tracker | None = None, run_name: str = "prune") -> dict[str, Any]:
     """What `deeplight prune` and the pipeline's prune step run: the operating point search

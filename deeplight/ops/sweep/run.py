@@ -156,9 +156,10 @@ class Sweep:
 
 
 def base_config(overrides: dict[str, Any] | None = None, dense: str | Path | None = None) -> Config:
-    """The config trials start from: the dense checkpoint's (only train.*/prune.* may then be overridden), else
-    the Config defaults with `overrides` (dotted settings, e.g. `{"model.dnn": [16], "prune.ramp_epochs": 1}`)."""
-    from deeplight.model.prune import config_of
+    """The config trials start from: the dense checkpoint's data, features, model and train sections with
+    today's prune defaults (`config_for_pruning`; only train.*/prune.* may then be overridden), else the Config
+    defaults with `overrides` (dotted settings, e.g. `{"model.dnn": [16], "prune.ramp_epochs": 1}`)."""
+    from deeplight.model.prune import config_for_pruning
 
     overrides = dict(overrides or {})
     if dense is None:
@@ -166,7 +167,7 @@ def base_config(overrides: dict[str, Any] | None = None, dense: str | Path | Non
     fixed = [k for k in overrides if k.split(".")[0] in ("model", "data", "features")]
     if fixed:
         raise DeeplightError(f"{fixed}: a given dense checkpoint fixes the model, data and feature settings")
-    return config_of(dense).replace(**overrides)
+    return config_for_pruning(dense).replace(**overrides)
 
 
 def open_sweep(data_dir: str | Path, settings: SweepSettings, base: Config, mlflow_parent: str | None = None
