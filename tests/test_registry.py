@@ -682,6 +682,40 @@ def test_mlflow_models_serve_answers_raw_rows(trained: dict, local_server_regist
         stop(proc)  # now rather than at module teardown: frees a core
 
 
+@pytest.mark.parametrize("timings", [False, True])
+def test_deeplight_serve_binds_loopback_and_keeps_kserves_timing_middleware_only_for_access_logs(
+        timings: bool, monkeypatch: pytest.MonkeyPatch):
+    """The REST server `deeplight serve` builds (KServe's own, with a real DataPlane): bound to the given host, all
+    of KServe's routes, and KServe's per-request timing middleware (it tries every route to name each request)
+    only when --access-log asks for its log lines."""
+    import fastapi
+    import kserve.model_server as model_server
+    import kserve.protocol.rest.multiprocess.server as multiprocess_server
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.server import RESTServer
+
+    from deeplight.ops.server import _loopback_rest_server
+
+    monkeypatch.setattr(model_server, "RESTServer", RESTServer)  # restored after the test
+    monkeypatch.setattr(multiprocess_server, "RESTServer", RESTServer)
+    _loopback_rest_server("127.0.0.1", timings=timings)
+    repo = ModelRepository()
+    server = model_server.RESTServer("kserve.model_server:app", DataPlane(model_registry=repo),
+                                     ModelRepositoryExtension(model_registry=repo), http_port=0)
+    ours, theirs = fastapi.FastAPI(), fastapi.FastAPI()
+    for srv, app in ((server, ours), (RESTServer("kserve.model_server:app", DataPlane(model_registry=repo),
+                                                 ModelRepositoryExtension(model_registry=repo), http_port=0), theirs)):
+        srv._add_middlewares(app)
+        srv._register_endpoints(app)
+    assert server.config.host == "127.0.0.1"
+    assert len(ours.openapi()["paths"]) > 10 and ours.openapi()["paths"] == theirs.openapi()["paths"]
+    middleware = [m.cls.__name__ for m in ours.user_middleware]
+    assert ("TimingMiddleware" in middleware) == timings, middleware
+    assert "TimingMiddleware" in [m.cls.__name__ for m in theirs.user_middleware]  # what we leave out exists
+
+
 @pytest.mark.integration
 def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, local_server_registry: dict,
                                                                 raw_records: list[dict], tmp_path: Path):
@@ -749,6 +783,9 @@ def test_deeplight_serve_answers_v1_and_v2_and_refuses_bad_rows(trained: dict, l
                 (v2, {"inputs": tensors[:-1]}, "field 'C26': missing")):
             status, body = _post(url, body_)
             assert status == 400 and message in body["error"], (status, body)
+        for url in (f"http://127.0.0.1:{port}/v2/models/deeplight", f"http://127.0.0.1:{port}/v1/models/deeplight"):
+            with urllib.request.urlopen(url, timeout=30) as r:  # KServe's other routes still answer
+                assert r.status == 200 and json.loads(r.read())["name"] == "deeplight", url
         served_log = log.read_text(errors="replace")
         assert "POST /v" not in served_log and "kserve.trace" not in served_log, served_log[-2000:]  # no access log
     finally:

@@ -192,9 +192,12 @@ def make_predictor(name: str, model_uri: str, threads: int | None = None) -> Any
     return DeeplightPredictor()
 
 
-def _loopback_rest_server(host: str) -> None:
+def _loopback_rest_server(host: str, timings: bool = False) -> None:
     """kserve 0.21 binds its REST server to 0.0.0.0 with no setting for it; bind `host` instead (uvicorn reads
-    config.host only when it binds). gRPC stays off."""
+    config.host only when it binds). gRPC stays off. KServe's timing middleware is left out unless `timings`
+    (--access-log): it names every request by trying each of KServe's ~40 routes in turn (a profile of one-row
+    requests: ~40 route matches a request), and its only output is the kserve.trace log lines, which are off
+    without --access-log."""
     import kserve.model_server as model_server
     import kserve.protocol.rest.multiprocess.server as multiprocess_server
     from kserve.protocol.rest.server import RESTServer
@@ -203,6 +206,10 @@ def _loopback_rest_server(host: str) -> None:
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             self.config.host = host
+
+        def _add_middlewares(self, app: Any) -> None:
+            if timings:
+                super()._add_middlewares(app)
 
     model_server.RESTServer = HostRESTServer
     multiprocess_server.RESTServer = HostRESTServer
@@ -224,7 +231,7 @@ def serve(model_uri: str, name: str = "deeplight", host: str = "127.0.0.1", port
         sys.argv = argv
     predictor = make_predictor(name, model_uri, threads)
     predictor.load()  # fail before binding the port: a bad model URI is an error, not an unready server
-    _loopback_rest_server(host)
+    _loopback_rest_server(host, timings=access_log)
     server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable_latency_logging=False)
     per_request = logging.INFO if access_log else logging.WARNING
     for logger_name in ("uvicorn.access", "kserve.trace"):  # after ModelServer(), which configures logging
