@@ -131,15 +131,35 @@ def _lines(conv: RowsToIds, body: bytes, dtype: Any) -> np.ndarray | tuple[int, 
         return where(str(e))
 
 
+def _json_body(conv: RowsToIds, rows: Any, dtype: Any) -> np.ndarray | tuple[int, str | None] | None:
+    """`transform_json_records` of the records as a v1 request body, or None when it declines the body (or the
+    rows are not records): the server then decodes the body and calls `transform`."""
+    records = [rows] if isinstance(rows, dict) and not any(isinstance(v, list) for v in rows.values()) else rows
+    if not isinstance(records, list):
+        return None
+    try:
+        body = json.dumps({"instances": records}).encode()
+    except (TypeError, ValueError):
+        return None
+    try:
+        return conv.transform_json_records(body, dtype)
+    except DeeplightError as e:
+        return where(str(e))
+
+
 def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
-    """RowsToIds' answer; the joined-text route (taken when every value is a str), the general route and, when
-    the rows can be written as the dataset's text lines, `transform_lines` on those lines must give the same
-    ids, or name the same row and field."""
+    """RowsToIds' answer; the joined-text route (taken when every value is a str), the general route, a v1
+    JSON body of the records read in one pass (when it takes the body) and, when the rows can be written as the
+    dataset's text lines, `transform_lines` on those lines must give the same ids, or name the same row and
+    field."""
     got = _routed(conv, rows, dtype, True)
     answers = {"general route": _routed(conv, rows, dtype, False)}
     body = as_lines(conv, rows)
     if body is not None:
         answers["text lines"] = _lines(conv, body, dtype)
+    from_json = _json_body(conv, rows, dtype)
+    if from_json is not None:
+        answers["JSON body"] = from_json
     for route, other in answers.items():
         if isinstance(got, np.ndarray) and isinstance(other, np.ndarray):
             assert got.dtype == other.dtype and np.array_equal(got, other), f"text route ids != {route} ids"
@@ -775,6 +795,58 @@ def test_text_route_is_taken_for_text_and_falls_back_exactly(case):
     lone = [dict(r) for r in text]
     lone[2][cat] = "\ud800"  # a lone surrogate cannot be encoded: named by the general route
     assert fast(conv, lone) == (2, cat)
+
+
+def test_json_body_is_read_in_one_pass_and_anything_else_is_declined(case):
+    """A v1 body of records whose values are all strings is read straight into the kernel's buffers, however it
+    is spaced, with the ids (or the named bad row and field) of `transform`; every other body is declined (None),
+    for the server to decode it and take `transform`, which names what is wrong with it."""
+    conv, recs = case
+    text = [{k: v for k, v in r.items() if isinstance(v, str) and v.isascii()} for r in recs]
+    text = [r for r in text if all(k in r for k in required_of(conv.schema))][:20]
+    assert len(text) >= 3, "the base rows have text values"
+    want = conv.transform(copy.deepcopy(text))
+    for body in (json.dumps({"instances": text}), json.dumps({"instances": text}, separators=(",", ":")),
+                 json.dumps({"instances": text}, indent=2), "\r\n\t " + json.dumps({"instances": text}) + " \n"):
+        got = conv.transform_json_records(body.encode())
+        assert got is not None and np.array_equal(got, want), body[:80]
+    one = conv.transform_json_records(json.dumps({"instances": text[:1]}).encode(), np.int64)
+    assert one is not None and one.dtype == np.int64 and np.array_equal(one, want[:1])
+
+    kinds = by_kind(conv.schema)
+    cat, checked = kinds["cat"][0], (kinds.get("int") or kinds["time"])[0]
+    bad = copy.deepcopy(text)
+    bad[2][checked] = "3.5" if "int" in kinds else "14132100"
+    # a bad value is named by the same row and field as `transform` names
+    assert _json_body(conv, bad, np.int32) == _routed(conv, bad, np.int32, False) == (2, checked)
+
+    def changed(edit: Any) -> bytes:
+        rows = copy.deepcopy(text)
+        edit(rows)
+        return json.dumps({"instances": rows}).encode()
+
+    reordered = dict(reversed(list(text[1].items())))
+    declined = {
+        "a number": changed(lambda rows: rows[1].update({cat: 5})),
+        "a null": changed(lambda rows: rows[1].update({cat: None})),
+        "an escape": changed(lambda rows: rows[1].update({cat: 'a"b'})),
+        "non-ASCII text": json.dumps({"instances": [dict(text[0], **{cat: "é"})]}, ensure_ascii=False).encode(),
+        "a nested value": changed(lambda rows: rows[0].update({cat: ["x"]})),
+        "keys in another order": changed(lambda rows: rows.__setitem__(1, reordered)),
+        "an extra key": changed(lambda rows: rows[1].update({cat + "x": "1"})),
+        "a missing key": changed(lambda rows: rows[1].pop(cat)),
+        "a misspelt key in the first record": changed(lambda rows: rows[0].update({cat + "x": rows[0].pop(cat)})),
+        "another top-level key": json.dumps({"instances": text, "parameters": {}}).encode(),
+        "no instances": json.dumps({"instances": []}).encode(),
+        "instances not a list": json.dumps({"instances": text[0]}).encode(),
+        "a record not an object": json.dumps({"instances": [text[0], [1]]}).encode(),
+        "trailing bytes": json.dumps({"instances": text}).encode() + b"x",
+        "cut short": json.dumps({"instances": text}).encode()[:-3],
+        "not JSON": b"instances",
+        "empty": b"",
+    }
+    for what, body in declined.items():
+        assert conv.transform_json_records(body) is None, what
 
 
 def test_vocabulary_keys_longer_and_shorter_than_a_table_word(synthetic):

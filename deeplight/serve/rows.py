@@ -481,6 +481,129 @@ def _split_lines(body, start, sep, k, off, data, bad):
     return -1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _skip_ws(body, i, end):
+    """Index of the first byte at or after i that is not JSON whitespace."""
+    while i < end and (body[i] == 32 or body[i] == 10 or body[i] == 13 or body[i] == 9):
+        i += 1
+    return i
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _plain_string_end(body, i, end):
+    """Index just past a JSON string that starts at body[i] and holds no escape and no control byte, or -1."""
+    if i >= end or body[i] != 34:
+        return -1
+    i += 1
+    while i < end:
+        b = body[i]
+        if b == 34:
+            return i + 1
+        if b == 92 or b < 32:
+            return -1
+        i += 1
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_json_records(body, head, keys, off, data):
+    """A v1 request body `{"instances": [{"k": "v", ...}, ...]}` -> Arrow-style offsets + bytes of its values,
+    row-major, and the first record's key spans in `keys` (start, end of each quoted key). Returns (records,
+    keys per record), or (-1, 0) when the body is not in this plain form: every value a JSON string without
+    escapes, every record with the first record's keys in the same order, nothing but "instances" at the top.
+    `head` holds the bytes of '"instances"'. Anything else is left to the caller's general route."""
+    end = len(body)
+    i = _skip_ws(body, 0, end)
+    if i >= end or body[i] != 123:
+        return -1, 0
+    i = _skip_ws(body, i + 1, end)
+    if i + len(head) > end:
+        return -1, 0
+    for t in range(len(head)):
+        if body[i + t] != head[t]:
+            return -1, 0
+    i = _skip_ws(body, i + len(head), end)
+    if i >= end or body[i] != 58:
+        return -1, 0
+    i = _skip_ws(body, i + 1, end)
+    if i >= end or body[i] != 91:
+        return -1, 0
+    i = _skip_ws(body, i + 1, end)
+    max_k, cap = len(keys) // 2, len(off) - 1
+    n, k, v, p = 0, 0, 0, 0
+    off[0] = 0
+    while True:  # one record a pass
+        if i >= end or body[i] != 123:
+            return -1, 0
+        i = _skip_ws(body, i + 1, end)
+        j = 0
+        while True:  # one "key": "value" a pass
+            if n == 0:
+                ks = i
+                i = _plain_string_end(body, i, end)
+                if i < 0 or j >= max_k:
+                    return -1, 0
+                keys[2 * j], keys[2 * j + 1] = ks, i
+            else:  # the same bytes as the first record's key, quotes included
+                if j >= k:
+                    return -1, 0
+                a, length = keys[2 * j], keys[2 * j + 1] - keys[2 * j]
+                if i + length > end:
+                    return -1, 0
+                for t in range(length):
+                    if body[i + t] != body[a + t]:
+                        return -1, 0
+                i += length
+            i = _skip_ws(body, i, end)
+            if i >= end or body[i] != 58:
+                return -1, 0
+            i = _skip_ws(body, i + 1, end)
+            if i >= end or body[i] != 34 or v >= cap:
+                return -1, 0
+            i += 1
+            while True:  # the value's bytes, copied as they are scanned
+                if i >= end:
+                    return -1, 0
+                b = body[i]
+                if b == 34:
+                    break
+                if b == 92 or b < 32:
+                    return -1, 0
+                data[p] = b
+                p += 1
+                i += 1
+            i += 1
+            v += 1
+            off[v] = p
+            j += 1
+            i = _skip_ws(body, i, end)
+            if i < end and body[i] == 44:
+                i = _skip_ws(body, i + 1, end)
+                continue
+            if i < end and body[i] == 125:
+                i += 1
+                break
+            return -1, 0
+        if n == 0:
+            k = j
+        elif j != k:
+            return -1, 0
+        n += 1
+        i = _skip_ws(body, i, end)
+        if i < end and body[i] == 44:
+            i = _skip_ws(body, i + 1, end)
+            continue
+        if i < end and body[i] == 93:
+            break
+        return -1, 0
+    i = _skip_ws(body, i + 1, end)
+    if i >= end or body[i] != 125:
+        return -1, 0
+    if _skip_ws(body, i + 1, end) != end:
+        return -1, 0
+    return n, k
+
+
 # ------------------------------------------------------------------------------------------------------------
 # input normalisation
 
@@ -870,6 +993,29 @@ class RowsToIds:
             self._all_valid = np.ones(max(count, 2 * len(self._all_valid)), np.bool_)
         return self._all_valid
 
+    def transform_json_records(self, body: bytes, dtype: Any = np.int32) -> np.ndarray | None:
+        """ids of a v1 JSON request body `{"instances": [{column: "value", ...}, ...]}` split by one compiled pass
+        straight into the kernel's buffers, with no Python object per value (`orjson.loads` alone costs more
+        than scoring the rows). None when the body is not in the plain form that pass reads (ASCII, every value
+        a string without escapes, every record's keys those of the first record in the same order, a valid set
+        of column names): the caller then decodes the JSON and calls `transform`, which gives the same ids, or
+        the error naming row and field. Values found bad here get that same error."""
+        if not self.fast_text or not isinstance(body, bytes) or not body.isascii():
+            return None
+        cap = body.count(b'"') // 4  # each value needs its own and its key's two quotes
+        if cap == 0:
+            return None
+        keys = np.empty(2 * len(self.names), np.int64)
+        off = np.empty(cap + 1, np.int64)
+        data = np.empty(len(body), np.uint8)
+        n, k = _split_json_records(np.frombuffer(body, np.uint8), _INSTANCES, keys, off, data)
+        if n <= 0:
+            return None
+        plan = self._plan(tuple(body[keys[2 * j] + 1:keys[2 * j + 1] - 1].decode() for j in range(k)))
+        if plan is None:
+            return None
+        return self._text_kernel(n, plan.col_src, plan.pos, plan.stride_row, off, data, dtype)
+
     # -- raw text lines: the rows as they are in the dataset's files -------------------------------------------
 
     def transform_lines(self, body: bytes, sep: str = "\t", header: bool | None = None,
@@ -1094,6 +1240,7 @@ def pd_isna(col: Any) -> np.ndarray:
 
 
 _EMPTY_I = np.zeros(1, np.int64)
+_INSTANCES = np.frombuffer(b'"instances"', np.uint8)
 _EMPTY_B = np.zeros(1, np.bool_)
 
 
@@ -1153,6 +1300,12 @@ class RawRowScorer:
         """Probabilities of raw text lines as in the dataset's files (`RowsToIds.transform_lines`); `sep`
         defaults to the dataset's own (Criteo: tab, Avazu: comma)."""
         return self._proba(self.rows.transform_lines(body, sep or self.schema.delimiter, header, np.int64))
+
+    def score_json_records(self, body: bytes) -> np.ndarray | None:
+        """Probabilities of a v1 JSON body read without decoding it (`RowsToIds.transform_json_records`), or None
+        when it is not in the plain form: then decode it and call `score`."""
+        ids = self.rows.transform_json_records(body, np.int64)
+        return None if ids is None else self._proba(ids)
 
     def _proba(self, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0:
