@@ -214,6 +214,11 @@ def test_batch_one_path_equals_batch_path_across_tiles():
     assert np.abs(cm.score(ids[5:8]) - batch[5:8]).max() <= ATOL  # small batches: one-sample kernel per row
     assert np.abs(batch - reference(model, ids)).max() <= ATOL
     assert cm.score_one(ids[3].astype(np.int32)) == cm.score_one(ids[3]) == cm.score_one(ids[3].tolist())
+    # the slow path of score_one's checks: a strided row, big-endian ints, a 0-d / 2-d array
+    assert cm.score_one(np.asfortranarray(ids)[3]) == cm.score_one(ids[3].astype(">i8")) == cm.score_one(ids[3])
+    for wrong in (ids[3][None], np.int64(1), ids[3][:-1]):
+        with pytest.raises(DeeplightError, match="shape"):
+            cm.score_one(wrong)
     assert cm.score(np.zeros((0, len(sizes)), np.int64)).shape == (0,)
     # The kernels allocate their own buffers and release the GIL: concurrent calls must not interfere.
     from concurrent.futures import ThreadPoolExecutor
