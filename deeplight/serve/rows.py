@@ -155,10 +155,17 @@ def _build_tables(vdata, voff, vfield, basis, tab_off, tab_mask, table):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _bucket_id(data, lo, hi, basis, size):
+    """Hash mode: id of the key data[lo:hi] (non-empty) among a field's `size` ids, 1 + hash % (size - 1) (id 0
+    is "missing"), as feature_map.stable_hash computes it."""
+    return np.int64(np.uint64(1) + _hash(data, lo, hi, basis) % np.uint64(size - 1))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _key_id(data, lo, hi, f, basis, hashed, size, tab_off, tab_mask, table, vdata, voff, vfirst):
     """id of the key data[lo:hi] (non-empty) in field f."""
     if hashed:
-        return np.int64(np.uint64(1) + _hash(data, lo, hi, basis[f]) % np.uint64(size[f] - 1))
+        return _bucket_id(data, lo, hi, basis[f], size[f])
     return _vocab_id(data, lo, hi, basis[f], tab_off[f], tab_mask[f], table, vdata, voff, vfirst[f])
 
 
@@ -391,7 +398,7 @@ def _cat_column(n, f, base, stride, s_off, s_data, s_valid, basis, hashed, size,
             j = base + r * stride
             lo, hi = s_off[j], s_off[j + 1]
             if s_valid[j] and hi > lo:
-                out[r, f] = np.int64(np.uint64(1) + _hash(s_data, lo, hi, basis[f]) % np.uint64(size[f] - 1))
+                out[r, f] = _bucket_id(s_data, lo, hi, basis[f], size[f])
             else:
                 out[r, f] = 0
         return
