@@ -40,13 +40,14 @@ sys.path.insert(0, str(REPO))
 WORK = REPO / "bench" / "out" / "serving-work"
 
 
-def load_revision(rev: str, where: Path) -> Any:
-    """deeplight/serve/rows.py as of `rev`, imported as a module of its own (its numba cache beside it)."""
-    text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:deeplight/serve/rows.py"], check=True,
+def load_revision(rev: str, where: Path, source: str = "deeplight/serve/rows.py") -> Any:
+    """`source` as of `rev`, imported as a module of its own (its numba cache beside it)."""
+    text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{source}"], check=True,
                           capture_output=True, text=True).stdout
-    path = where / "rows_at_revision.py"
+    name = Path(source).stem + "_at_revision"
+    path = where / f"{name}.py"
     path.write_text(text)
-    spec = importlib.util.spec_from_file_location("rows_at_revision", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
