@@ -17,6 +17,10 @@ The model is loaded once, at start-up, from its artifacts (compact.npz + feature
 `deeplight.serve.rows.RawRowScorer`: no torch, no pyfunc wrapper, the engine's BLAS pinned to `serve.threads`.
 A bad request (a missing or unknown field, a bad value) is HTTP 400 naming the row and field.
 
+KServe's REST app serves every route, with two of ours ahead of its v1 predict and v2 infer routes for JSON
+bodies (`_json_v1_route`, `_json_v2_route`): a v1 body of string values is read in one compiled pass from its
+bytes, and a v2 body is parsed and answered by pydantic; every other request reaches KServe's route unchanged.
+
 `models:/NAME@ALIAS` is resolved to a version when the server starts (logged, and reported as the model's
 version in /v2/models/NAME). A new champion is picked up by a restart (on a cluster: a new revision of the
 InferenceService, which `deeplight promote` can trigger), never by a running server changing under its traffic.
