@@ -49,6 +49,22 @@ def write_hashed_dataset(out: Path, rows: int = 20_000, field_sizes: tuple[int, 
     return out
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Files in the order `make test`'s workers take them (--dist loadfile hands out whole files in this order,
+    with --no-loadscope-reorder): the docstring examples first (see pyproject.toml), then the files holding slow
+    or integration tests (pipeline runs, servers, image builds), then the rest, so that no worker is left with a
+    long file at the end while the other waits. Stable: a file's tests keep their order."""
+    def rank(item) -> int:
+        if isinstance(item, pytest.DoctestItem):
+            return 0
+        return 1 if any(item.get_closest_marker(m) for m in ("slow", "integration")) else 2
+
+    by_file: dict[str, int] = {}
+    for item in items:
+        by_file[item.nodeid.split("::")[0]] = min(by_file.get(item.nodeid.split("::")[0], 2), rank(item))
+    items.sort(key=lambda item: by_file[item.nodeid.split("::")[0]])
+
+
 @pytest.fixture
 def toy_hashed(tmp_path: Path) -> Path:
     return write_hashed_dataset(tmp_path / "hashed")
