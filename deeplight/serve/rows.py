@@ -62,6 +62,7 @@ import pyarrow as pa
 from deeplight.base.errors import DeeplightError
 from deeplight.data.feature_map import FNV_OFFSET, FNV_PRIME, FeatureMap, _log_sq_thresholds, field_seed
 from deeplight.data.schema import get_schema
+from deeplight.serve.kernels import _prefetch
 
 SMALL = 16  # at most this many rows: the flat one-call conversion is tried first
 
@@ -172,10 +173,17 @@ def _key_id(data, lo, hi, f, basis, hashed, size, tab_off, tab_mask, table, vdat
 @numba.njit(cache=True, nogil=True, inline="always")
 def _vocab_id(data, lo, hi, basis, base, mask, table, vdata, voff, first):
     """id of the key data[lo:hi] (non-empty) in a field's vocabulary table (at `base`, `mask` + 1 slots), 1 for
-    OOV. One exit, no return from inside the probe loop: written that way LLVM compiled it ~2.5x slower."""
-    n = hi - lo
+    OOV."""
     w = _word8(data, lo, hi)
     slot = np.int64(_table_hash(data, lo, hi, w, basis) & np.uint64(mask))
+    return _vocab_probe(data, lo, hi, w, slot, base, mask, table, vdata, voff, first)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _vocab_probe(data, lo, hi, w, slot, base, mask, table, vdata, voff, first):
+    """`_vocab_id` from the key's first word `w` and home `slot`. One exit, no return from inside the probe loop:
+    written that way LLVM compiled it ~2.5x slower."""
+    n = hi - lo
     found = np.int64(1)
     while True:
         e = table[base + slot, 0]
@@ -381,18 +389,25 @@ def _rows_kernel(n, s_off, s_data, s_valid, s_base, s_stride, i_val, i_valid, i_
     # 3. cat fields given as strings, field by field (all values are valid by now: lookups cannot fail). A loop of
     # its own compiles to a much tighter lookup than the same call inside the row loop above (measured ~2x) and
     # keeps one field's table in cache.
+    slots = np.empty(n, np.int64)
     for f in range(F):
         c = fld_col[f]
         if fld_kind[f] == 1 and col_src[c] == 1:
             _cat_column(n, f, s_base[c], s_stride[c], s_off, s_data, s_valid, basis, hashed, size, tab_off,
-                        tab_mask, table, vdata, voff, vfirst, out)
+                        tab_mask, table, vdata, voff, vfirst, out, slots)
     err[0] = -1
 
 
 @numba.njit(cache=True, nogil=True)
 def _cat_column(n, f, base, stride, s_off, s_data, s_valid, basis, hashed, size, tab_off, tab_mask, table, vdata,
-                voff, vfirst, out):
-    """ids of field f for n rows whose string values sit at base + r * stride; null or "" -> 0 (missing)."""
+                voff, vfirst, out, slots):
+    """ids of field f for n rows whose string values sit at base + r * stride; null or "" -> 0 (missing).
+    `slots`: scratch, n int64.
+
+    Vocabulary mode in two passes: the first hashes every key and asks the CPU for its home slot's cache line
+    (`_prefetch`), the second probes. Between calls the tables fall out of L2 (a field's table is ~32 KB; all of
+    them ~0.7 MB for Criteo), so a probe straight after its hash waited for its line, one key after another; the
+    first pass lets those loads overlap (measured ~1.5x for the 26 Criteo fields)."""
     if hashed:
         for r in range(n):
             j = base + r * stride
@@ -403,13 +418,24 @@ def _cat_column(n, f, base, stride, s_off, s_data, s_valid, basis, hashed, size,
                 out[r, f] = 0
         return
     fb, tb, tm, vf = basis[f], tab_off[f], tab_mask[f], vfirst[f]
+    flat = table.reshape(-1)  # (slots x 2) as one row: _prefetch takes one index
     for r in range(n):
         j = base + r * stride
         lo, hi = s_off[j], s_off[j + 1]
         if s_valid[j] and hi > lo:
-            out[r, f] = _vocab_id(s_data, lo, hi, fb, tb, tm, table, vdata, voff, vf)
+            slot = np.int64(_table_hash(s_data, lo, hi, _word8(s_data, lo, hi), fb) & np.uint64(tm))
+            slots[r] = slot
+            _prefetch(flat, 2 * (tb + slot))
         else:
+            slots[r] = -1
+    for r in range(n):
+        slot = slots[r]
+        if slot < 0:
             out[r, f] = 0
+            continue
+        j = base + r * stride
+        lo, hi = s_off[j], s_off[j + 1]
+        out[r, f] = _vocab_probe(s_data, lo, hi, _word8(s_data, lo, hi), slot, tb, tm, table, vdata, voff, vf)
 
 
 @numba.njit(cache=True, nogil=True)
