@@ -9,7 +9,9 @@ round after round (noise hits both alike), it times per 1,000-row call:
 
 - kernel: the compiled pass alone, on the already split text buffers (`_text_kernel`);
 - frame: `RowsToIds.transform` of a DataFrame of str columns (what the pyfunc gets);
-- records: `RowsToIds.transform` of a list of dicts (what `deeplight serve` v1 JSON gets).
+- records: `RowsToIds.transform` of a list of dicts (what `deeplight serve` v1 JSON gets when it decodes);
+- json body: `RowsToIds.transform_json_records` of the same records as a v1 JSON body (`json.dumps`), what
+  `deeplight serve` v1 reads in one pass (when both revisions have it).
 
 Each call takes the next of `--frames` different sets of rows, so no call finds the previous call's Python
 strings in cache. Defaults read the feature map and raw lines that bench/serving.py builds
@@ -26,6 +28,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -91,6 +94,7 @@ def main() -> None:
     chunks = [split[i * a.rows:(i + 1) * a.rows] for i in range(a.frames)]
     frames = [pd.DataFrame(c, columns=features) for c in chunks]
     records = [[dict(zip(features, r)) for r in c] for c in chunks]
+    bodies = [json.dumps({"instances": r}).encode() for r in records]
 
     with tempfile.TemporaryDirectory() as tmp:
         versions = {a.against: load_revision(a.against, Path(tmp)).RowsToIds(fmap), "this checkout":
@@ -119,6 +123,12 @@ def main() -> None:
             "frame": lambda conv, name, i: conv.transform(frames[i], np.int64),
             "records": lambda conv, name, i: conv.transform(records[i], np.int64),
         }
+        if all(hasattr(conv, "transform_json_records") for conv in versions.values()):
+            for name, conv in versions.items():
+                got = [conv.transform_json_records(b, np.int64) for b in bodies]
+                if not all(x is not None and np.array_equal(x, y) for x, y in zip(got, ref)):
+                    sys.exit(f"the ids of {name} from JSON bodies differ from those of {a.against}'s frames")
+            cases["json body"] = lambda conv, name, i: conv.transform_json_records(bodies[i], np.int64)
         times: dict[tuple[str, str], list[float]] = {(c, v): [] for c in cases for v in versions}
         order = list(versions)
         for r in range(a.rounds):

@@ -817,8 +817,14 @@ def test_json_body_is_read_in_one_pass_and_anything_else_is_declined(case):
     cat, checked = kinds["cat"][0], (kinds.get("int") or kinds["time"])[0]
     bad = copy.deepcopy(text)
     bad[2][checked] = "3.5" if "int" in kinds else "14132100"
-    # a bad value is named by the same row and field as `transform` names
+    # a bad value is named by the same row and field as `transform` names, and quoted as it was sent (the body
+    # is read in place: the message's value comes from the body's bytes)
     assert _json_body(conv, bad, np.int32) == _routed(conv, bad, np.int32, False) == (2, checked)
+    with pytest.raises(DeeplightError) as from_body:
+        conv.transform_json_records(json.dumps({"instances": bad}).encode())
+    with pytest.raises(DeeplightError) as from_records:
+        conv.transform(copy.deepcopy(bad))
+    assert repr(bad[2][checked]) in str(from_body.value) and str(from_body.value) == str(from_records.value)
 
     def changed(edit: Any) -> bytes:
         rows = copy.deepcopy(text)
