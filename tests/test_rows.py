@@ -147,11 +147,31 @@ def _json_body(conv: RowsToIds, rows: Any, dtype: Any) -> np.ndarray | tuple[int
         return where(str(e))
 
 
+def _v2_body(conv: RowsToIds, rows: Any, dtype: Any) -> np.ndarray | tuple[int, str | None] | None:
+    """`transform_v2_json` of the records as a v2 inference request (one BYTES tensor per column), or None when it
+    declines the body (or the rows are not records with the same keys): the server then parses it in full."""
+    records = [rows] if isinstance(rows, dict) and not any(isinstance(v, list) for v in rows.values()) else rows
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records) or \
+            any(list(r) != list(records[0]) for r in records):
+        return None
+    tensors = [{"name": k, "shape": [len(records)], "datatype": "BYTES", "data": [r[k] for r in records]}
+               for k in records[0]]
+    try:
+        body = json.dumps({"inputs": tensors}).encode()
+    except (TypeError, ValueError):
+        return None
+    try:
+        read = conv.transform_v2_json(body, dtype)
+    except DeeplightError as e:
+        return where(str(e))
+    return None if read is None else read[0]
+
+
 def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
     """RowsToIds' answer; the joined-text route (taken when every value is a str), the general route, a v1
-    JSON body of the records read in one pass (when it takes the body) and, when the rows can be written as the
-    dataset's text lines, `transform_lines` on those lines must give the same ids, or name the same row and
-    field."""
+    JSON body of the records and a v2 one, each read in one pass (when it takes the body) and, when the rows can
+    be written as the dataset's text lines, `transform_lines` on those lines must give the same ids, or name the
+    same row and field."""
     got = _routed(conv, rows, dtype, True)
     answers = {"general route": _routed(conv, rows, dtype, False)}
     body = as_lines(conv, rows)
@@ -160,6 +180,9 @@ def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tupl
     from_json = _json_body(conv, rows, dtype)
     if from_json is not None:
         answers["JSON body"] = from_json
+    from_v2 = _v2_body(conv, rows, dtype)
+    if from_v2 is not None:
+        answers["v2 JSON body"] = from_v2
     for route, other in answers.items():
         if isinstance(got, np.ndarray) and isinstance(other, np.ndarray):
             assert got.dtype == other.dtype and np.array_equal(got, other), f"text route ids != {route} ids"
@@ -853,6 +876,82 @@ def test_json_body_is_read_in_one_pass_and_anything_else_is_declined(case):
     }
     for what, body in declined.items():
         assert conv.transform_json_records(body) is None, what
+
+
+def test_v2_body_is_read_in_one_pass_and_anything_else_is_declined(case):
+    """A v2 request of one BYTES tensor per column, string values, members in any order and any spacing, is read
+    straight into the kernel's buffers with the ids of `transform` and its "id"; every other body is declined
+    (None), for the server to parse it in full (pydantic, then KServe's handler and `transform`)."""
+    conv, recs = case
+    text = [{k: v for k, v in r.items() if isinstance(v, str) and v.isascii()} for r in recs]
+    text = [r for r in text if all(k in r for k in required_of(conv.schema)) and list(r) == list(text[0])][:20]
+    assert len(text) >= 3, "the base rows have text values"
+    want = conv.transform(copy.deepcopy(text))
+
+    def tensors(rows: list[dict], **extra: Any) -> list[dict]:
+        return [{"name": k, "shape": [len(rows)], "datatype": "BYTES", "data": [r[k] for r in rows], **extra}
+                for k in rows[0]]
+
+    plain = {"id": "r-7", "inputs": tensors(text)}
+    reordered = {"inputs": [dict(reversed(list(t.items())), shape=[len(text), 1]) for t in tensors(text)],
+                 "id": "r-7"}
+    for request in (plain, reordered):
+        for body in (json.dumps(request), json.dumps(request, separators=(",", ":")), json.dumps(request, indent=2)):
+            got = conv.transform_v2_json(body.encode())
+            assert got is not None and np.array_equal(got[0], want) and got[1] == "r-7", body[:80]
+    got = conv.transform_v2_json(json.dumps({"inputs": tensors(text[:1])}).encode(), np.int64)
+    assert got is not None and got[0].dtype == np.int64 and np.array_equal(got[0], want[:1]) and got[1] is None
+
+    kinds = by_kind(conv.schema)
+    cat, checked = kinds["cat"][0], (kinds.get("int") or kinds["time"])[0]
+    bad = copy.deepcopy(text)
+    bad[2][checked] = "3.5" if "int" in kinds else "14132100"
+    with pytest.raises(DeeplightError) as from_body:
+        conv.transform_v2_json(json.dumps({"inputs": tensors(bad)}).encode())
+    with pytest.raises(DeeplightError) as from_records:
+        conv.transform(copy.deepcopy(bad))
+    assert str(from_body.value) == str(from_records.value) and f"row 2, field {checked!r}" in str(from_body.value)
+
+    def changed(edit: Any) -> bytes:
+        request = copy.deepcopy(plain)
+        edit(request["inputs"], request)
+        return json.dumps(request).encode()
+
+    def data_of(ts: list[dict], name: str) -> list:
+        return next(t for t in ts if t["name"] == name)["data"]
+
+    declined = {
+        "a number": changed(lambda ts, rq: data_of(ts, cat).__setitem__(1, 5)),
+        "a null": changed(lambda ts, rq: data_of(ts, cat).__setitem__(1, None)),
+        "an escape": changed(lambda ts, rq: data_of(ts, cat).__setitem__(1, 'a"b')),
+        "non-ASCII text": json.dumps({"inputs": tensors([dict(text[0], **{cat: "é"})])},
+                                     ensure_ascii=False).encode(),
+        "a parameters member": changed(lambda ts, rq: rq.update(parameters={})),
+        "an outputs member": changed(lambda ts, rq: rq.update(outputs=[{"name": "probability"}])),
+        "tensor parameters": changed(lambda ts, rq: ts[0].update(parameters={})),
+        "another datatype": changed(lambda ts, rq: ts[0].update(datatype="INT64")),
+        "no datatype": changed(lambda ts, rq: ts[0].pop("datatype")),
+        "no shape": changed(lambda ts, rq: ts[0].pop("shape")),
+        "a shape of two columns": changed(lambda ts, rq: ts[0].update(shape=[len(text), 2])),
+        "a shape of three dims": changed(lambda ts, rq: ts[0].update(shape=[len(text), 1, 1])),
+        "a shape that is not its data's length": changed(lambda ts, rq: ts[0].update(shape=[len(text) + 1])),
+        "a tensor one value short": changed(lambda ts, rq: ts[1]["data"].pop()),
+        "tensors of different lengths": changed(lambda ts, rq: ts[1].update(shape=[1], data=ts[1]["data"][:1])),
+        "a name twice": changed(lambda ts, rq: ts.append(dict(ts[0]))),
+        "a missing column": changed(lambda ts, rq: ts.pop(next(i for i, t in enumerate(ts) if t["name"] == cat))),
+        "an unknown column": changed(lambda ts, rq: ts[0].update(name=ts[0]["name"] + "x")),
+        "a numeric id": changed(lambda ts, rq: rq.update(id=7)),
+        "no rows": json.dumps({"inputs": tensors([{k: "" for k in text[0]}])}).replace(
+            '[""]', "[]").replace(f"[{1}]", "[0]").encode(),
+        "no inputs": b'{"id": "x"}',
+        "inputs not a list": json.dumps({"inputs": tensors(text)[0]}).encode(),
+        "trailing bytes": json.dumps(plain).encode() + b"x",
+        "cut short": json.dumps(plain).encode()[:-3],
+        "not JSON": b"inputs inputs",
+        "empty": b"",
+    }
+    for what, body in declined.items():
+        assert conv.transform_v2_json(body) is None, what
 
 
 def test_vocabulary_keys_longer_and_shorter_than_a_table_word(synthetic):

@@ -136,8 +136,11 @@ def test_plain_v1_json_is_read_without_kserve_and_the_rest_reaches_kserve(client
     assert c.post("/v1/models/other:predict", content=b'{"instances": []}', headers=JSON).status_code == 404
 
 
-def test_v2_json_is_parsed_and_answered_by_pydantic_and_the_rest_reaches_kserve(client, model_dir,
-                                                                                 monkeypatch: pytest.MonkeyPatch):
+def test_v2_json_is_read_in_one_pass_else_parsed_by_pydantic_and_the_rest_reaches_kserve(
+        client, model_dir, monkeypatch: pytest.MonkeyPatch):
+    """A plain v2 body (one BYTES tensor per column, string values) is read straight into the scorer's buffers
+    and answered exactly as KServe's route answers it; other JSON bodies are parsed by pydantic and go through
+    KServe's handler; the binary tensor extension goes to KServe's route."""
     from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
     c, predictor, calls = client
@@ -155,19 +158,48 @@ def test_v2_json_is_parsed_and_answered_by_pydantic_and_the_rest_reaches_kserve(
                for k in records[0]]
     body = json.dumps({"id": "req-1", "inputs": tensors}).encode()
     r = c.post(V2, content=body, headers=JSON)
-    assert r.status_code == 200 and parsed == [len(body)], r.text[:300]
+    assert r.status_code == 200 and parsed == [] and calls == [], r.text[:300]  # neither pydantic nor KServe
     got = r.json()
     assert got["id"] == "req-1" and got["model_name"] == "deeplight" and got["outputs"][0]["name"] == "probability"
     assert got["outputs"][0]["shape"] == [len(records)] and got["outputs"][0]["datatype"] == "FP64"
     np.testing.assert_allclose(got["outputs"][0]["data"], want, rtol=0, atol=1e-12)
+    # the same body through KServe's route (the binary tensor extension's header sends it there): same answer
+    r = c.post(V2, content=body, headers={**JSON, "inference-header-content-length": str(len(body))})
+    assert r.status_code == 200 and parsed == [] and calls, r.text[:300]
+    assert r.json() == got
+    # members in another order, [n, 1] shapes, no id (then a fresh one, as KServe gives), compact spacing
+    calls.clear()
+    other = [{"data": t["data"], "datatype": "BYTES", "shape": [len(records), 1], "name": t["name"]}
+             for t in reversed(tensors)]
+    r = c.post(V2, content=json.dumps({"inputs": other}, separators=(",", ":")).encode(), headers=JSON)
+    assert r.status_code == 200 and parsed == [] and calls == [], r.text[:300]
+    assert len(r.json()["id"]) == 36 and r.json()["id"] != got["id"]
+    np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, rtol=0, atol=1e-12)
+    # a bad value: the row and field, as the general route names them
+    bad = json.loads(body)
+    i5 = next(t for t in bad["inputs"] if t["name"] == "I5")
+    i5["data"][3] = "1.5"
+    r = c.post(V2, content=json.dumps(bad).encode(), headers=JSON)
+    assert r.status_code == 400 and "row 3, field 'I5': non-integer" in r.json()["error"] and parsed == []
 
+    # bodies it declines are parsed by pydantic and answered by KServe's handler, as before
+    numbers = json.loads(body)
+    numbers["inputs"][0] = {**numbers["inputs"][0], "data": [int(v) if v else None for v in tensors[0]["data"]]}
+    with_parameters = {"inputs": tensors, "parameters": {"note": "x"}}
+    for what, request in (("a number among the values", numbers), ("a parameters member", with_parameters)):
+        parsed.clear()
+        calls.clear()
+        r = c.post(V2, content=json.dumps(request).encode(), headers=JSON)
+        assert parsed and calls and r.status_code in (200, 400), (what, r.text[:300])
+        if r.status_code == 200:
+            np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, rtol=0, atol=1e-12)
+    parsed.clear()
     r = c.post(V2, content=json.dumps({"inputs": tensors[:-1]}).encode(), headers=JSON)
-    assert r.status_code == 400 and "field 'C26': missing" in r.json()["error"]
+    assert r.status_code == 400 and "field 'C26': missing" in r.json()["error"] and parsed
+    short = json.loads(body)
+    short["inputs"][2]["data"].pop()
+    r = c.post(V2, content=json.dumps(short).encode(), headers=JSON)
+    assert r.status_code == 400, r.text[:300]
     for broken in (body[:-5], b'{"inputz": []}', b"[]"):  # not an inference request: 422, as FastAPI says it
         r = c.post(V2, content=broken, headers=JSON)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", r.text[:300]
-    # the binary tensor extension's header sends the request to KServe's route (here: all of it JSON)
-    parsed.clear()
-    r = c.post(V2, content=body, headers={**JSON, "inference-header-content-length": str(len(body))})
-    assert r.status_code == 200 and parsed == [], r.text[:300]
-    np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, rtol=0, atol=1e-12)

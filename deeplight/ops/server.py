@@ -18,8 +18,9 @@ The model is loaded once, at start-up, from its artifacts (compact.npz + feature
 A bad request (a missing or unknown field, a bad value) is HTTP 400 naming the row and field.
 
 KServe's REST app serves every route, with two of ours ahead of its v1 predict and v2 infer routes for JSON
-bodies (`_json_v1_route`, `_json_v2_route`): a v1 body of string values is read in one compiled pass from its
-bytes, and a v2 body is parsed and answered by pydantic; every other request reaches KServe's route unchanged.
+bodies (`_json_v1_route`, `_json_v2_route`): a v1 body of string values, or a v2 body of one BYTES tensor per
+column, is read in one compiled pass from its bytes; any other v2 JSON body is parsed and answered by pydantic;
+every other request reaches KServe's route unchanged.
 
 `models:/NAME@ALIAS` is resolved to a version when the server starts (logged, and reported as the model's
 version in /v2/models/NAME). A new champion is picked up by a restart (on a cluster: a new revision of the
@@ -183,6 +184,23 @@ def make_predictor(name: str, model_uri: str, threads: int | None = None) -> Any
                 raise InvalidInput(f"bad input for a {self.scorer.schema.name} model: {e}") from None
             return None if p is None else {"predictions": p.tolist()}
 
+        def infer_json_tensors(self, body: bytes) -> dict | None:
+            """The v2 answer to a JSON inference request read without parsing it into Python objects, or None when
+            the body is not in the plain form that reading takes (`RowsToIds.transform_v2_json`): `_json_v2_route`.
+            The answer is the one KServe's route gives (tests/test_server.py compares them)."""
+            assert self.scorer is not None
+            try:
+                read = self.scorer.score_v2_json(body)
+            except DeeplightError as e:
+                raise InvalidInput(f"bad input for a {self.scorer.schema.name} model: {e}") from None
+            if read is None:
+                return None
+            p, request_id = read
+            return {"model_name": self.name, "model_version": self.version or None,
+                    "id": request_id if request_id is not None else str(uuid.uuid4()), "parameters": None,
+                    "outputs": [{"name": "probability", "shape": [len(p)], "datatype": "FP64", "parameters": None,
+                                 "data": p.tolist()}]}
+
         def predict(self, payload: Any, headers: dict[str, str] | None = None,
                     response_headers: dict[str, str] | None = None) -> Any:
             if isinstance(payload, InferRequest):
@@ -252,14 +270,17 @@ def _json_v1_route(app: Any, dataplane: Any, repository: Any) -> None:
 
 
 def _json_v2_route(app: Any, dataplane: Any, repository: Any) -> None:
-    """A v2 infer route ahead of KServe's own, for `application/json` bodies: the same handler, but the body is
-    parsed and validated in one compiled pass (pydantic's `model_validate_json`) instead of `json.loads` and then
-    pydantic, and the answer is serialised by pydantic instead of FastAPI's `jsonable_encoder`, which walks each
+    """A v2 infer route ahead of KServe's own, for `application/json` bodies. A body of one BYTES tensor per raw
+    column with string values is read straight into the scorer's buffers (`infer_json_tensors`) and answered as
+    KServe answers it. Any other body goes to the same handler as KServe's, but parsed and validated in one
+    compiled pass (pydantic's `model_validate_json`) instead of `json.loads` and then pydantic, and the answer is serialised by pydantic instead of FastAPI's `jsonable_encoder`, which walks each
     of its 1,000 numbers in Python. Other bodies (the binary tensor extension, other content types) go to KServe's
     route unchanged; a body that is not a valid inference request is HTTP 422 as there."""
+    import orjson
     import pydantic
     from fastapi import APIRouter, Request, Response
     from fastapi.exceptions import RequestValidationError
+    from kserve.errors import ModelNotReady
     from kserve.constants.constants import V2_ROUTE_PREFIX
     from kserve.protocol.rest.v2_datamodels import InferenceRequest
     from kserve.protocol.rest.v2_endpoints import V2Endpoints
@@ -268,6 +289,13 @@ def _json_v2_route(app: Any, dataplane: Any, repository: Any) -> None:
 
     async def infer(model_name: str, request: Request, response: Response) -> Any:
         body = await request.body()
+        read = getattr(dataplane.model_registry.get_model(model_name), "infer_json_tensors", None)
+        if read is not None:
+            if not await dataplane.model_ready(model_name, True):
+                raise ModelNotReady(model_name)
+            answer = read(body)
+            if answer is not None:
+                return Response(orjson.dumps(answer), media_type="application/json")
         try:
             parsed = InferenceRequest.model_validate_json(body)
         except pydantic.ValidationError as e:

@@ -538,6 +538,18 @@ def _plain_string_end(body, i, end):
     return -1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next_item(body, i, end, close):
+    """After an item of a JSON array or object (from body[i]): (index past ',' and whitespace, 1) when another
+    item follows, (index past the byte `close`, 2) at the end, (i, 0) for anything else."""
+    i = _skip_ws(body, i, end)
+    if i < end and body[i] == 44:
+        return _skip_ws(body, i + 1, end), 1
+    if i < end and body[i] == close:
+        return i + 1, 2
+    return i, 0
+
+
 @numba.njit(cache=True, nogil=True)
 def _split_json_records(body, head, keys, spans):
     """A v1 request body `{"instances": [{"k": "v", ...}, ...]}` -> where its values are, row-major: value v is
@@ -605,35 +617,168 @@ def _split_json_records(body, head, keys, spans):
                     return -1, 0
                 i += 1
             spans[2 * v + 1] = i
-            i += 1
             v += 1
             j += 1
-            i = _skip_ws(body, i, end)
-            if i < end and body[i] == 44:
-                i = _skip_ws(body, i + 1, end)
-                continue
-            if i < end and body[i] == 125:
-                i += 1
+            i, state = _next_item(body, i + 1, end, 125)
+            if state == 0:
+                return -1, 0
+            if state == 2:
                 break
-            return -1, 0
         if n == 0:
             k = j
         elif j != k:
             return -1, 0
         n += 1
-        i = _skip_ws(body, i, end)
-        if i < end and body[i] == 44:
-            i = _skip_ws(body, i + 1, end)
-            continue
-        if i < end and body[i] == 93:
+        i, state = _next_item(body, i, end, 93)
+        if state == 0:
+            return -1, 0
+        if state == 2:
             break
-        return -1, 0
-    i = _skip_ws(body, i + 1, end)
+    i = _skip_ws(body, i, end)
     if i >= end or body[i] != 125:
         return -1, 0
     if _skip_ws(body, i + 1, end) != end:
         return -1, 0
     return n, k
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _same_bytes(body, i, end, word):
+    """Whether body[i:] starts with the bytes of `word`."""
+    if i + len(word) > end:
+        return False
+    for t in range(len(word)):
+        if body[i + t] != word[t]:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_v2_tensors(body, words, spans, tensors):
+    """A v2 inference request body `{"id": "...", "inputs": [{"name": "I1", "shape": [n], "datatype": "BYTES",
+    "data": ["5", ...]}, ...]}` -> where its string values are (value v is body[spans[2v]:spans[2v + 1]], read in
+    place), and per tensor t: tensors[t] = (name start, name end, shape[0], shape[1] or -1, first value, values,
+    datatype BYTES?). Members in any order; "id" optional. Returns (tensors, id start, id end), id start -1 when
+    absent; (-1, 0, 0) when the body is not in this plain form (any other member, a value that is not a string
+    without escapes, a shape of another form...): the caller then parses it in full. `words` holds the quoted
+    member names "inputs", "data", "name", "shape", "datatype", '"BYTES"' and "id" at words[w, :words[6, w]]."""
+    end = len(body)
+    cap, max_t = len(spans) // 2, len(tensors)
+    nt, v = 0, 0
+    id_lo, id_hi = -1, -1
+    seen_inputs = False
+    i = _skip_ws(body, 0, end)
+    if i >= end or body[i] != 123:
+        return -1, 0, 0
+    i = _skip_ws(body, i + 1, end)
+    while True:  # one top-level member a pass
+        w = 0 if _same_bytes(body, i, end, words[0, :words[6, 0]]) and not seen_inputs else \
+            7 if _same_bytes(body, i, end, words[7, :words[6, 7]]) and id_lo < 0 else -1
+        if w < 0:
+            return -1, 0, 0
+        i = _skip_ws(body, i + words[6, w], end)
+        if i >= end or body[i] != 58:
+            return -1, 0, 0
+        i = _skip_ws(body, i + 1, end)
+        if w == 7:  # "id": a plain string
+            e = _plain_string_end(body, i, end)
+            if e < 0:
+                return -1, 0, 0
+            id_lo, id_hi, i = i + 1, e - 1, e
+        else:  # "inputs": an array of tensor objects
+            seen_inputs = True
+            if i >= end or body[i] != 91:
+                return -1, 0, 0
+            i = _skip_ws(body, i + 1, end)
+            while True:  # one tensor object a pass
+                if i >= end or body[i] != 123 or nt >= max_t:
+                    return -1, 0, 0
+                tensors[nt, 0], tensors[nt, 2], tensors[nt, 3], tensors[nt, 4], tensors[nt, 6] = -1, -1, -1, -1, 0
+                i = _skip_ws(body, i + 1, end)
+                while True:  # one tensor member a pass
+                    m = -1
+                    for c in range(1, 5):  # "data", "name", "shape", "datatype"
+                        if _same_bytes(body, i, end, words[c, :words[6, c]]):
+                            m = c
+                    if m < 0:
+                        return -1, 0, 0
+                    i = _skip_ws(body, i + words[6, m], end)
+                    if i >= end or body[i] != 58:
+                        return -1, 0, 0
+                    i = _skip_ws(body, i + 1, end)
+                    if m == 2:  # "name": a plain string
+                        e = _plain_string_end(body, i, end)
+                        if e < 0 or tensors[nt, 0] >= 0:
+                            return -1, 0, 0
+                        tensors[nt, 0], tensors[nt, 1], i = i + 1, e - 1, e
+                    elif m == 4:  # "datatype": "BYTES"
+                        if not _same_bytes(body, i, end, words[5, :words[6, 5]]) or tensors[nt, 6]:
+                            return -1, 0, 0
+                        tensors[nt, 6] = 1
+                        i += words[6, 5]
+                    else:  # "shape" [n] or [n, 1] (digits only), "data" [plain strings]
+                        if i >= end or body[i] != 91 or tensors[nt, 2 if m == 3 else 4] >= 0:
+                            return -1, 0, 0
+                        i = _skip_ws(body, i + 1, end)
+                        if m == 1:
+                            tensors[nt, 4] = v
+                        state = 1
+                        if m == 1 and i < end and body[i] == 93:  # no values
+                            i, state = i + 1, 2
+                        dims = 0
+                        while state == 1:  # one item a pass
+                            if m == 1:
+                                e = _plain_string_end(body, i, end)
+                                if e < 0 or v >= cap:
+                                    return -1, 0, 0
+                                spans[2 * v], spans[2 * v + 1], i = i + 1, e - 1, e
+                                v += 1
+                            else:
+                                x = np.int64(0)
+                                start = i
+                                while i < end and 48 <= body[i] <= 57 and i - start < 12:
+                                    x = x * 10 + (body[i] - 48)
+                                    i += 1
+                                if i == start or dims >= 2 or (i - start > 1 and body[start] == 48):
+                                    return -1, 0, 0
+                                tensors[nt, 2 + dims] = x
+                                dims += 1
+                            i, state = _next_item(body, i, end, 93)
+                        if state == 0:
+                            return -1, 0, 0
+                        if m == 1:
+                            tensors[nt, 5] = v - tensors[nt, 4]
+                    i, state = _next_item(body, i, end, 125)
+                    if state == 0:
+                        return -1, 0, 0
+                    if state == 2:
+                        break
+                if tensors[nt, 0] < 0 or tensors[nt, 2] < 0 or tensors[nt, 4] < 0 or not tensors[nt, 6]:
+                    return -1, 0, 0
+                nt += 1
+                i, state = _next_item(body, i, end, 93)
+                if state == 0:
+                    return -1, 0, 0
+                if state == 2:
+                    break
+        i, state = _next_item(body, i, end, 125)
+        if state == 0:
+            return -1, 0, 0
+        if state == 2:
+            break
+    if not seen_inputs or nt == 0 or _skip_ws(body, i, end) != end:
+        return -1, 0, 0
+    return nt, id_lo, id_hi
+
+
+def _v2_words() -> np.ndarray:
+    """The quoted member names `_split_v2_tensors` looks for, one per row, their lengths in row 6."""
+    words = [b'"inputs"', b'"data"', b'"name"', b'"shape"', b'"datatype"', b'"BYTES"', b"", b'"id"']
+    out = np.zeros((len(words), 16), np.int64)
+    for w, word in enumerate(words):
+        out[w, :len(word)] = list(word)
+        out[6, w] = len(word)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1053,6 +1198,34 @@ class RowsToIds:
         return self._text_kernel(n, plan.col_src, 2 * plan.pos, 2 * plan.stride_row, spans, data, dtype,
                                  valid_count=2 * n * k)
 
+    def transform_v2_json(self, body: bytes, dtype: Any = np.int32) -> tuple[np.ndarray, str | None] | None:
+        """(ids, the request's "id" or None) of a v2 inference request body holding one BYTES tensor per raw
+        column, shape [n] or [n, 1], read by one compiled pass straight into the kernel's buffers (as
+        `transform_json_records` reads v1 bodies). None when the body is not in the plain form that pass reads
+        (ASCII; members "id" and "inputs" only, and "name", "shape", "datatype", "data" in each tensor; every
+        value a string without escapes; tensors of one length naming a valid set of columns): the caller then
+        parses it in full and gets the same ids, or the error naming row and field. Values found bad here get
+        that same error."""
+        if not self.fast_text or not isinstance(body, bytes) or not body.isascii() or len(body) < 8:
+            return None
+        spans = np.empty(2 * (len(body) // 3), np.int64)  # a value takes 3 bytes at least, '"",'
+        tensors = np.empty((2 * len(self.names) + 1, 7), np.int64)
+        data = np.frombuffer(body, np.uint8)
+        nt, id_lo, id_hi = _split_v2_tensors(data, _V2_WORDS, spans, tensors)
+        if nt <= 0:
+            return None
+        t = tensors[:nt]
+        n = int(t[0, 2])
+        if (t[:, 2] != n).any() or (t[:, 5] != n).any() or ((t[:, 3] != -1) & (t[:, 3] != 1)).any() or n == 0:
+            return None  # shapes that disagree with their data or each other: the full parse says which
+        plan = self._plan(tuple(body[lo:hi].decode() for lo, hi in t[:, :2].tolist()))
+        if plan is None:
+            return None
+        base = np.zeros(len(self.names), np.int64)
+        base[plan.col_src == 1] = 2 * t[plan.pos[plan.col_src == 1], 4]
+        ids = self._text_kernel(n, plan.col_src, base, 2 * self._ones, spans, data, dtype, valid_count=2 * n * nt)
+        return ids, (body[id_lo:id_hi].decode() if id_lo >= 0 else None)
+
     # -- raw text lines: the rows as they are in the dataset's files -------------------------------------------
 
     def transform_lines(self, body: bytes, sep: str = "\t", header: bool | None = None,
@@ -1278,6 +1451,7 @@ def pd_isna(col: Any) -> np.ndarray:
 
 _EMPTY_I = np.zeros(1, np.int64)
 _INSTANCES = np.frombuffer(b'"instances"', np.uint8)
+_V2_WORDS = _v2_words()
 _EMPTY_B = np.zeros(1, np.bool_)
 
 
@@ -1343,6 +1517,12 @@ class RawRowScorer:
         when it is not in the plain form: then decode it and call `score`."""
         ids = self.rows.transform_json_records(body, np.int64)
         return None if ids is None else self._proba(ids)
+
+    def score_v2_json(self, body: bytes) -> tuple[np.ndarray, str | None] | None:
+        """(probabilities, the request's id) of a v2 JSON body read without decoding it
+        (`RowsToIds.transform_v2_json`), or None when it is not in the plain form: then parse it and call `score`."""
+        read = self.rows.transform_v2_json(body, np.int64)
+        return None if read is None else (self._proba(read[0]), read[1])
 
     def _proba(self, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0:
