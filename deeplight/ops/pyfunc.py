@@ -14,6 +14,7 @@ A bad value reaches a client of `mlflow models serve` as HTTP 400 naming the row
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,11 @@ class RawRowsModel(mlflow.pyfunc.PythonModel):
             return self.scorer.score(rows)
         except DeeplightError as e:
             raise BadRowsError(f"bad input for a {self.schema.name} model: {e}") from None
+
+
+# MLflow's wrapper asks inspect.signature(python_model.predict) on every call whether it takes `params`: ~30 us,
+# an eighth of a one-row prediction (interleaved A/B, bench/RESULTS.md). A signature computed once answers at once.
+RawRowsModel.predict.__signature__ = inspect.signature(RawRowsModel.predict)  # type: ignore[attr-defined]
 
 
 def signature(schema: Any) -> Any:
