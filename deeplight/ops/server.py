@@ -273,15 +273,16 @@ def _json_v2_route(app: Any, dataplane: Any, repository: Any) -> None:
     """A v2 infer route ahead of KServe's own, for `application/json` bodies. A body of one BYTES tensor per raw
     column with string values is read straight into the scorer's buffers (`infer_json_tensors`) and answered as
     KServe answers it. Any other body goes to the same handler as KServe's, but parsed and validated in one
-    compiled pass (pydantic's `model_validate_json`) instead of `json.loads` and then pydantic, and the answer is serialised by pydantic instead of FastAPI's `jsonable_encoder`, which walks each
-    of its 1,000 numbers in Python. Other bodies (the binary tensor extension, other content types) go to KServe's
-    route unchanged; a body that is not a valid inference request is HTTP 422 as there."""
+    compiled pass (pydantic's `model_validate_json`) instead of `json.loads` and then pydantic, and the answer is
+    serialised by pydantic instead of FastAPI's `jsonable_encoder`, which walks each of its 1,000 numbers in
+    Python. Other requests (the binary tensor extension, other content types) go to KServe's route unchanged; a
+    body that is not a valid inference request is HTTP 422 as there."""
     import orjson
     import pydantic
     from fastapi import APIRouter, Request, Response
     from fastapi.exceptions import RequestValidationError
-    from kserve.errors import ModelNotReady
     from kserve.constants.constants import V2_ROUTE_PREFIX
+    from kserve.errors import ModelNotReady
     from kserve.protocol.rest.v2_datamodels import InferenceRequest
     from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
