@@ -111,6 +111,8 @@ def main() -> None:
             out = []
             for df in frames:
                 n, plan, _, values = conv._text_route(df)
+                if isinstance(values, np.ndarray):  # a frame's values as a 2-D object array (since 2026-12-08)
+                    values = values.ravel().tolist()
                 joined = np.frombuffer("\x1f".join(values).encode(), np.uint8)
                 off, data = np.empty(n * plan.k + 1, np.int64), np.empty(len(joined), np.uint8)
                 assert sys.modules[type(conv).__module__]._split_joined(joined, n * plan.k, off, data)

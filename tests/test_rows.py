@@ -34,6 +34,7 @@ from deeplight.data.schema import get_schema
 from deeplight.data.synth import synthesize
 from deeplight.data.validate import parse_records
 from deeplight.serve import rows as rows_module
+from deeplight.serve.pystr import gather
 from deeplight.serve.rows import RawRowScorer, RowsToIds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,14 +89,15 @@ def reference(fmap: FeatureMap, rows: Any) -> np.ndarray | tuple[int, str | None
         return where(str(e))
 
 
-def _routed(conv: RowsToIds, rows: Any, dtype: Any, text_route: bool) -> np.ndarray | tuple[int, str | None]:
-    conv.fast_text = text_route
+def _routed(conv: RowsToIds, rows: Any, dtype: Any, text_route: bool,
+            gather_min: int = 512) -> np.ndarray | tuple[int, str | None]:
+    conv.fast_text, conv.gather_min = text_route, gather_min
     try:
         return conv.transform(copy.deepcopy(rows) if isinstance(rows, (list, dict)) else rows, dtype)
     except DeeplightError as e:
         return where(str(e))
     finally:
-        conv.fast_text = True
+        conv.fast_text, conv.gather_min = True, 512
 
 
 def as_lines(conv: RowsToIds, rows: Any) -> bytes | None:
@@ -168,12 +170,14 @@ def _v2_body(conv: RowsToIds, rows: Any, dtype: Any) -> np.ndarray | tuple[int, 
 
 
 def fast(conv: RowsToIds, rows: Any, dtype: Any = np.int32) -> np.ndarray | tuple[int, str | None]:
-    """RowsToIds' answer; the joined-text route (taken when every value is a str), the general route, a v1
-    JSON body of the records and a v2 one, each read in one pass (when it takes the body) and, when the rows can
-    be written as the dataset's text lines, `transform_lines` on those lines must give the same ids, or name the
-    same row and field."""
+    """RowsToIds' answer; the text route (taken when every value is a str) with the str objects' bytes gathered
+    and with them joined, the general route, a v1 JSON body of the records and a v2 one, each read in one pass
+    (when it takes the body) and, when the rows can be written as the dataset's text lines, `transform_lines` on
+    those lines must give the same ids, or name the same row and field."""
     got = _routed(conv, rows, dtype, True)
-    answers = {"general route": _routed(conv, rows, dtype, False)}
+    answers = {"general route": _routed(conv, rows, dtype, False),
+               "text route, gathered": _routed(conv, rows, dtype, True, gather_min=0),
+               "text route, joined": _routed(conv, rows, dtype, True, gather_min=2**62)}
     body = as_lines(conv, rows)
     if body is not None:
         answers["text lines"] = _lines(conv, body, dtype)
@@ -795,26 +799,43 @@ def test_scorer_pins_blas_threads(scorer_dir):
 
 
 def test_text_route_is_taken_for_text_and_falls_back_exactly(case):
-    """All-str rows in the three forms take the joined-text route (one join + one compiled split); a value
-    holding the join's separator byte, a non-str value or text that cannot be encoded fall back to the
-    general route, with the same ids or the same named row and field."""
+    """All-str rows in the three forms take the text route, with their bytes gathered from the str objects and
+    with them joined (one join + one compiled split); a value holding the join's separator byte is gathered
+    but not joined, a value that is not ASCII is joined but not gathered, and a non-str value or text that
+    cannot be encoded falls back to the general route: all with the same ids or the same named row and field."""
     conv, recs = case
     schema = conv.schema
     text = [{k: v for k, v in r.items() if isinstance(v, str)} for r in recs]
     text = [r for r in text if all(k in r for k in required_of(schema))]
     assert text, "the base rows have text values"
+
+    def text_route(rows: Any, gather_min: int) -> np.ndarray | None:
+        route = conv._text_route(rows)
+        assert route is not None, "not routed as text"
+        conv.gather_min = gather_min
+        try:
+            return conv._transform_text(*route, np.int32)
+        finally:
+            conv.gather_min = 512
+
     for what, rows in (("records", text), ("dataframe", pd.DataFrame(text, dtype=object)),
                        ("dict", {k: [r[k] for r in text] for k in text[0]}), ("one record", text[0])):
-        route = conv._text_route(rows)
-        assert route is not None, f"{what}: not routed as text"
-        assert conv._transform_text(*route, np.int32) is not None, f"{what}: the text route gave up"
+        n, plan, order, values = conv._text_route(rows)
+        if all(v.isascii() for v in (values.ravel() if isinstance(values, np.ndarray) else values)):
+            assert gather(values, n, plan.k, order) is not None, f"{what}: ASCII values not gathered"
+        for gather_min in (0, 2**62):
+            assert text_route(rows, gather_min) is not None, f"{what}: the text route gave up ({gather_min})"
         same(conv, rows, what)
     cat = by_kind(schema)["cat"][0]
     sep = [dict(r) for r in text]
     sep[1][cat] = "a\x1fb"  # the separator inside a value: the split finds one value too many
-    route = conv._text_route(sep)
-    assert route is not None and conv._transform_text(*route, np.int32) is None
+    assert text_route(sep, 2**62) is None and text_route(sep, 0) is not None
     same(conv, sep, "separator inside a value")
+    accent = [dict(r) for r in text]
+    accent[-1][cat] = "caf\u00e9"  # not ASCII: joined, not gathered
+    n, plan, order, values = conv._text_route(accent)
+    assert gather(values, n, plan.k, order) is None and text_route(accent, 0) is not None
+    same(conv, accent, "a value that is not ASCII")
     lone = [dict(r) for r in text]
     lone[2][cat] = "\ud800"  # a lone surrogate cannot be encoded: named by the general route
     assert fast(conv, lone) == (2, cat)

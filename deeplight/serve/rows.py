@@ -63,6 +63,7 @@ from deeplight.base.errors import DeeplightError
 from deeplight.data.feature_map import FNV_OFFSET, FNV_PRIME, FeatureMap, _log_sq_thresholds, field_seed
 from deeplight.data.schema import get_schema
 from deeplight.serve.kernels import _prefetch
+from deeplight.serve.pystr import gather
 
 SMALL = 16  # at most this many rows: the flat one-call conversion is tried first
 
@@ -945,6 +946,9 @@ class RowsToIds:
         self._getter = itemgetter(*self.names)
         self._getter_req = itemgetter(*self.required)
         self.fast_text = True  # the joined-text route (`_text_route`); tests turn it off to compare the routes
+        # from this many values up the text route gathers the str objects' bytes (below it a join is cheaper:
+        # the gather's fixed cost is ~10 us); tests set 0 and 2**62 to compare the two
+        self.gather_min = 512
         self._plans: dict[tuple, _Plan | None] = {}
         self._zeros = np.zeros(len(self.names), np.int64)
         self._all_valid = np.ones(1024, np.bool_)
@@ -1087,8 +1091,9 @@ class RowsToIds:
         return plan
 
     def _text_route(self, rows: Any) -> tuple[int, "_Plan", str, list] | None:
-        """(n, plan, "row" | "col", every value in one list) when `rows` is a frame of object columns, a list of
-        records or a dict of list columns, with valid column names; else None (the general route decides)."""
+        """(n, plan, "row" | "col", the values) when `rows` is a frame of object columns (its values as a 2-D object
+        array), a list of records or a dict of list columns (every value in one list), with valid column names;
+        else None (the general route decides)."""
         import pandas as pd
 
         if type(rows) is list:
@@ -1127,14 +1132,24 @@ class RowsToIds:
             plan = self._plan(tuple(rows.columns)) if n and text else None
             if plan is None:
                 return None
-            return n, plan, "row", rows.to_numpy(dtype=object).ravel().tolist()
+            return n, plan, "row", rows.to_numpy(dtype=object)
         return None
 
-    def _transform_text(self, n: int, plan: "_Plan", order: str, values: list, dtype: Any) -> np.ndarray | None:
-        """ids of all-str values joined into one UTF-8 buffer (one C join + one compiled split, ~10 ns a value
-        against ~80 ns for building an Arrow array from Python strings); None when a value is not a str, cannot
-        be encoded, or contains the separator: the general route then handles the rows."""
+    def _transform_text(self, n: int, plan: "_Plan", order: str, values: list | np.ndarray,
+                        dtype: Any) -> np.ndarray | None:
+        """ids of all-str values: from `gather_min` values up, their bytes gathered from the str objects by
+        compiled code (`deeplight.serve.pystr`, ~6 ns a value), else (and for text that is not ASCII) joined
+        into one UTF-8 buffer (one C join + one compiled split, ~35 ns a value, against ~80 ns for building an
+        Arrow array from Python strings). None when a value is not a str, cannot be encoded, or contains the
+        join's separator: the general route then handles the rows. `values`: a list (`order` says row- or
+        column-major) or a 2-D object array of rows."""
         count = n * plan.k
+        if count >= self.gather_min:
+            got = gather(values, n, plan.k, order)
+            if got is not None:  # row-major whatever the order of `values`
+                return self._text_kernel(n, plan.col_src, plan.pos, plan.stride_row, got[0], got[1], dtype)
+        if isinstance(values, np.ndarray):
+            values = values.ravel().tolist()
         try:
             joined = "\x1f".join(values).encode()
         except (TypeError, UnicodeEncodeError):
