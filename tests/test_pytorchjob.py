@@ -104,6 +104,7 @@ class KubeStub(BaseHTTPRequestHandler):
     jobs: dict = {}
     requests: list = []
     extra_env: dict = {}
+    kill_when: str = ""  # a file name: the next job's ranks are killed once its --out folder holds it (a node loss)
 
     def _reply(self, code: int, body) -> None:
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -120,8 +121,35 @@ class KubeStub(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs", path)
         if not m:
             return self._reply(404, {"kind": "Status", "message": f"no route {path}"})
+        if body["metadata"]["name"] in self.jobs:
+            return self._reply(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
         self.jobs[body["metadata"]["name"]] = {"body": body, "pods": self._start(body)}
+        if KubeStub.kill_when:
+            (c,) = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+            marker = Path(c["command"][c["command"].index("--out") + 1]) / KubeStub.kill_when
+            threading.Thread(target=self._kill_when_exists, args=(self.jobs[body["metadata"]["name"]], marker),
+                             daemon=True).start()
+            KubeStub.kill_when = ""
         self._reply(201, body)
+
+    @staticmethod
+    def _kill_when_exists(job: dict, marker: Path) -> None:
+        while not marker.exists() and any(p["proc"].poll() is None for p in job["pods"]):
+            time.sleep(0.01)
+        for p in job["pods"]:
+            p["proc"].kill()
+
+    def do_DELETE(self):  # noqa: N802
+        path = urlsplit(self.path).path
+        self.requests.append(("DELETE", path, None))
+        m = re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs/([^/]+)", path)
+        job = self.jobs.pop(m.group(2), None) if m else None
+        if job is None:
+            return self._reply(404, {"kind": "Status", "message": "not found", "code": 404})
+        for p in job["pods"]:
+            if p["proc"].poll() is None:
+                p["proc"].kill()
+        self._reply(200, {"kind": "Status", "status": "Success"})
 
     def _start(self, body: dict) -> list[dict]:
         specs = body["spec"]["pytorchReplicaSpecs"]
@@ -146,7 +174,7 @@ class KubeStub(BaseHTTPRequestHandler):
         if m := re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs/([^/]+)", url.path):
             job = self.jobs.get(m.group(2))
             if job is None:
-                return self._reply(404, {"kind": "Status", "message": "not found"})
+                return self._reply(404, {"kind": "Status", "message": "not found", "code": 404})
             codes = [p["proc"].poll() for p in job["pods"]]
             conditions = [{"type": "Created", "status": "True", "reason": "PyTorchJobCreated"}]
             if any(c not in (None, 0) for c in codes):
@@ -190,7 +218,7 @@ class KubeStub(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def kube(tmp_path, monkeypatch):
-    KubeStub.jobs, KubeStub.requests = {}, []
+    KubeStub.jobs, KubeStub.requests, KubeStub.kill_when = {}, [], ""
     server = ThreadingHTTPServer(("127.0.0.1", 0), KubeStub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "logs").mkdir()
@@ -268,6 +296,39 @@ def test_a_failed_rank_fails_the_step_with_the_pods_reason(kube, hashed, tmp_pat
     # Both ranks fail alike; the job is failed as soon as either has (as the operator does), so either is named.
     assert re.search(r"pod deeplight-train-bad-(master-0 \(Master 0\)|worker-0 \(Worker 0\)): Error exit 2; "
                      r"log: .*deeplight: error: .*batch_size", err), err
+
+
+def test_a_retried_step_resumes_from_the_failed_attempts_checkpoints(kube, hashed, tmp_path, capsys):
+    """Attempt 1: both ranks are killed once the first epoch's checkpoint is written (as when a node is lost), and
+    the step fails. Attempt 2 of the same step (same key): the failed job is deleted and created again, and its
+    ranks resume from the checkpoint on the shared volume. Attempt 3 finds the job succeeded and takes its model
+    without running anything."""
+    from deeplight.steps.distributed import job_step
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    cfg = _config(shared, **{"train.epochs": 4, "train.patience": 10})
+    kube.kill_when = "last.pt"
+    with pytest.raises(SystemExit):
+        job_step("train", str(hashed), cfg, str(tmp_path / "dense"), "", workers=2, job_key="retry")
+    assert "PyTorchJob team-a/deeplight-train-retry failed" in capsys.readouterr().err
+    work = shared / "jobs" / "deeplight-train-retry"
+    assert (work / "out" / "last.pt").is_file() and not (work / "out" / "results.json").exists()
+
+    result = job_step("train", str(hashed), cfg, str(tmp_path / "dense"), "", workers=2, job_key="retry")
+    out = capsys.readouterr().out
+    assert "failed in an earlier attempt; deleting it" in out and "deeplight-train-retry: created" in out
+    methods = [r[0] for r in kube.requests if "pytorchjobs" in r[1] and r[0] != "GET"]
+    assert methods == ["POST", "DELETE", "POST"]
+    master_log = (tmp_path / "logs" / "deeplight-train-retry-master-0.log").read_text()
+    assert re.search(r"resuming .*last\.pt: [1-9] epoch\(s\)", master_log), master_log
+    assert (tmp_path / "dense" / "best.pt").is_file() and result["valid"]["auc"] > 0
+    assert [h["epoch"] for h in result["history"]] == list(range(len(result["history"])))
+
+    again = job_step("train", str(hashed), cfg, str(tmp_path / "dense-again"), "", workers=2, job_key="retry")
+    assert "found from an earlier attempt (Succeeded)" in capsys.readouterr().out
+    assert [r[0] for r in kube.requests if "pytorchjobs" in r[1] and r[0] != "GET"] == methods  # nothing new
+    assert again["valid"] == result["valid"]
 
 
 def test_no_shared_volume_is_a_clear_error(kube, hashed, tmp_path, capsys):

@@ -248,6 +248,9 @@ class Trainer:
             self.hooks.load_state(to_device(ck["extra"], self.device))
         if self.world.active:
             self._reseed()
+        if self.world.main:
+            print(f"resuming {self.last_path}: {self.progress.epoch} epoch(s) and {self.progress.batch} batch(es) "
+                  "done", file=sys.stderr, flush=True)
         return True
 
     def _save_best(self, valid: dict[str, float]) -> None:

@@ -137,14 +137,36 @@ def own_image(namespace: str, default: str) -> str:
 def run_job(job: Any, timeout_s: float = 24 * 3600, poll_s: float = 10.0, log: Callable[[str], None] = print) -> dict:
     """Create `job`, wait until its Succeeded condition (returns the last status as a dict); Failed, or no end
     within `timeout_s`: DeeplightError with the job's message and each failed pod's reason (its container's
-    termination reason, exit code, message, and the last lines of its log)."""
+    termination reason, exit code, message, and the last lines of its log).
+
+    A job of the same name from an earlier attempt (a retried step): still running, it is waited for; succeeded,
+    its result is taken; failed, it is deleted and created again, and its ranks resume from the checkpoints they
+    left on the shared volume."""
     name, namespace = job.metadata.name, job.metadata.namespace
     tc = training_client(namespace)
-    try:
-        tc.create_job(job=job, namespace=namespace)
-    except (RuntimeError, ValueError) as e:
-        raise DeeplightError(f"PyTorchJob {namespace}/{name}: cannot create it: {e}") from None
-    log(f"PyTorchJob {namespace}/{name}: created ({_replicas(job)})")
+    earlier = job_state(tc, name, namespace)
+    if earlier == "Failed":
+        log(f"PyTorchJob {namespace}/{name}: failed in an earlier attempt; deleting it to run it again (its ranks "
+            "resume from their checkpoints)")
+        try:
+            tc.delete_job(name=name, namespace=namespace)
+        except (RuntimeError, TimeoutError) as e:
+            raise DeeplightError(f"PyTorchJob {namespace}/{name}: cannot delete the failed attempt: {e}") from None
+        gone_by = time.monotonic() + 300
+        while job_state(tc, name, namespace) is not None:  # deletion waits for the pods' finalizers
+            if time.monotonic() > gone_by:
+                raise DeeplightError(f"PyTorchJob {namespace}/{name}: the failed attempt is still there 300 s after "
+                                     f"its deletion: kubectl -n {namespace} delete pytorchjob {name}")
+            time.sleep(1.0)
+        earlier = None
+    if earlier is None:
+        try:
+            tc.create_job(job=job, namespace=namespace)
+        except (RuntimeError, ValueError) as e:
+            raise DeeplightError(f"PyTorchJob {namespace}/{name}: cannot create it: {e}") from None
+        log(f"PyTorchJob {namespace}/{name}: created ({_replicas(job)})")
+    else:
+        log(f"PyTorchJob {namespace}/{name}: found from an earlier attempt ({earlier}); following it")
     deadline, seen, polls = time.monotonic() + timeout_s, "", 0
     while True:
         try:
@@ -167,6 +189,21 @@ def run_job(job: Any, timeout_s: float = 24 * 3600, poll_s: float = 10.0, log: C
                                  f"{state}); it keeps running: kubectl -n {namespace} get pytorchjob {name}")
         time.sleep(min(poll_s, 0.5 * 2 ** polls))  # quick at first (a bad setting fails in seconds), then poll_s
         polls += 1
+
+
+def job_state(tc: Any, name: str, namespace: str) -> str | None:
+    """The job's latest true condition (Created, Running, Succeeded, Failed...; Pending when it has none), or None
+    when there is no such job."""
+    try:
+        current = tc.get_job(name=name, namespace=namespace)
+    except RuntimeError as e:
+        if getattr(e.__cause__, "status", None) == 404:
+            return None
+        raise DeeplightError(f"PyTorchJob {namespace}/{name}: cannot read it: {e}") from None
+    except TimeoutError as e:
+        raise DeeplightError(f"PyTorchJob {namespace}/{name}: cannot read it: {e}") from None
+    conditions = [c for c in (current.status.conditions if current.status else None) or [] if c.status == "True"]
+    return conditions[-1].type if conditions else "Pending"
 
 
 def failed_pods(tc: Any, name: str, namespace: str, tail_lines: int = 5) -> list[str]:

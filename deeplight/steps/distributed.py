@@ -11,9 +11,14 @@ creates a PyTorchJob of `workers` pods on `image` (deeplight.ops.pytorchjob) run
 one-pod step would; no torchrun: the operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK in each pod),
 waits for it, copies SHARED/out into the step's output artifact and logs the step's MLflow child run (params,
 metrics, checkpoint) under the pipeline's parent run, as the one-pod step does. A failed rank fails the step with
-the job's message and each failed pod's reason and last log lines. Each call makes a new job (a random key);
-with the same `job_key` a call reuses the job's folder and resumes from its checkpoints, once the old
-PyTorchJob of that name is deleted (the pipeline's components pass no key, so a retried step starts over).
+the job's message and each failed pod's reason and last log lines.
+
+A retried step resumes. The job's name (and its folder on the shared volume) is keyed by the pipeline run's
+MLflow parent run, the step and its settings, so a second attempt of the same step in the same pipeline run finds
+the first attempt's job: running, it follows it; succeeded, it takes its model; failed, it deletes the job and
+creates it again, and the ranks resume from the checkpoints in the folder (deeplight.ops.pytorchjob.run_job).
+A new pipeline run (a new parent run) trains anew. Without a parent run (tracking off) each call makes a new
+job; `job_key` sets the key.
 
     from deeplight.steps.distributed import job_step
     job_step("train", "out/hashed", cfg_json, "out/dense", parent, workers=4, image="REGISTRY/deeplight:TAG")
@@ -21,6 +26,7 @@ PyTorchJob of that name is deleted (the pipeline's components pass no key, so a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -65,6 +71,27 @@ def job_name(kind: str, key: str) -> str:
     return name[:63].rstrip("-")
 
 
+def attempt_key(kind: str, cfg: Config, parent_run_id: str) -> str:
+    """The same for every attempt of one step in one pipeline run (its MLflow parent run, the step, its
+    settings); random without a parent run.
+
+    >>> attempt_key("train", Config(), "abc") == attempt_key("train", Config(), "abc") != attempt_key("prune",
+    ...     Config(), "abc")
+    True
+    """
+    if not parent_run_id:
+        return uuid.uuid4().hex[:8]
+    settings = json.dumps(cfg.flat(MODEL_SECTIONS), sort_keys=True, default=str)
+    return hashlib.sha256(f"{parent_run_id}\0{kind}\0{settings}".encode()).hexdigest()[:12]
+
+
+def _copy_whole(src: Path, dst: Path, copy: Any) -> None:
+    """Copy under a temporary name, then rename: an attempt killed mid-copy leaves no partial `dst` behind."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+    copy(src, tmp)
+    tmp.rename(dst)
+
+
 def job_step(kind: str, hashed_dir: str, config_json: str, out_dir: str, parent_run_id: str, workers: int,
              image: str = "", dense_dir: str | None = None, job_key: str = "") -> dict[str, Any]:
     """Run step `kind` (train | prune) as a PyTorchJob of `workers` pods of `image` (default: this pod's own
@@ -82,20 +109,21 @@ def job_step(kind: str, hashed_dir: str, config_json: str, out_dir: str, parent_
         if not image:
             raise DeeplightError("PyTorchJob: no image for the ranks (this step does not run in a pod of namespace "
                                  f"{namespace!r}; give one)")
-        key = job_key or uuid.uuid4().hex[:8]
+        key = job_key or attempt_key(kind, cfg, parent_run_id)
         root = Path(c.shared_dir)
         if not root.is_dir():
             raise DeeplightError(f"{root}: the shared volume (cluster.shared_claim {c.shared_claim!r}) is not "
                                  "mounted in this pod; the ranks read the data and write the model through it")
         work = root / "jobs" / job_name(kind, key)
         data, out = work / "hashed", work / "out"
-        if not data.is_dir():  # a re-run with the same key resumes: data and checkpoints are there already
-            shutil.copytree(hashed_dir, data)
+        if not data.is_dir():  # a retried step finds the data (and the ranks their checkpoints) there already
+            _copy_whole(Path(hashed_dir), data, shutil.copytree)
         dense = None
         if kind == "prune":
             dense = work / "dense" / "best.pt"
-            dense.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(dense_dir or "") / "best.pt", dense)
+            if not dense.is_file():  # an earlier attempt's ranks may still be reading it
+                dense.parent.mkdir(parents=True, exist_ok=True)
+                _copy_whole(Path(dense_dir or "") / "best.pt", dense, shutil.copyfile)
         job = pytorchjob(job_name(kind, key), namespace, image,
                          job_command(kind, cfg, str(data), str(out), str(dense) if dense else None), workers,
                          pod=tuple(getattr(c, kind)), volume=SharedVolume(c.shared_claim, c.shared_dir),
