@@ -564,11 +564,8 @@ def _split_json_records(body, head, keys, spans):
     if i >= end or body[i] != 123:
         return -1, 0
     i = _skip_ws(body, i + 1, end)
-    if i + len(head) > end:
+    if not _same_bytes(body, i, end, head):
         return -1, 0
-    for t in range(len(head)):
-        if body[i + t] != head[t]:
-            return -1, 0
     i = _skip_ws(body, i + len(head), end)
     if i >= end or body[i] != 58:
         return -1, 0
