@@ -24,7 +24,8 @@ run: $(STAMP)
 
 # One pytest worker per CPU (at most TEST_WORKERS), each taking whole test files (--dist loadfile: a file's
 # module-scoped fixtures, e.g. a pipeline run, are built once) in the order tests/conftest.py sets: doctests,
-# then the long files. On CI's 2 CPUs ~17 min instead of ~26. `make test TEST_WORKERS=0`: one process.
+# then the files longest first (tests/durations.json). On 2 CPUs ~17 min instead of ~26. `make test
+# TEST_WORKERS=0`: one process.
 TEST_WORKERS ?= 4
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n logical --maxprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)

@@ -49,20 +49,29 @@ def write_hashed_dataset(out: Path, rows: int = 20_000, field_sizes: tuple[int, 
     return out
 
 
+DURATIONS = Path(__file__).with_name("durations.json")  # seconds per test file; tests/record_durations.py writes it
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Files in the order `make test`'s workers take them (--dist loadfile hands out whole files in this order,
-    with --no-loadscope-reorder): the docstring examples first (see pyproject.toml), then the files holding slow
-    or integration tests (pipeline runs, servers, image builds), then the rest, so that no worker is left with a
-    long file at the end while the other waits. Stable: a file's tests keep their order."""
-    def rank(item) -> int:
-        if isinstance(item, pytest.DoctestItem):
-            return 0
-        return 1 if any(item.get_closest_marker(m) for m in ("slow", "integration")) else 2
-
-    by_file: dict[str, int] = {}
+    with --no-loadscope-reorder): the docstring examples first (see pyproject.toml), then the test files longest
+    first by the seconds each took in a recorded run (tests/durations.json), so that no worker is left with a long
+    file at the end while the other waits. A file not in the record counts as the longest when it holds slow or
+    integration tests, else as the shortest. Stable: a file's tests keep their order."""
+    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    longest = max(recorded.values(), default=0.0)
+    order: dict[str, tuple[int, float]] = {}
     for item in items:
-        by_file[item.nodeid.split("::")[0]] = min(by_file.get(item.nodeid.split("::")[0], 2), rank(item))
-    items.sort(key=lambda item: by_file[item.nodeid.split("::")[0]])
+        path = item.nodeid.split("::")[0]
+        if isinstance(item, pytest.DoctestItem):
+            order[path] = (0, 0.0)
+        elif path in recorded:
+            order[path] = (1, -recorded[path])
+        elif any(item.get_closest_marker(m) for m in ("slow", "integration")):
+            order[path] = (1, -longest)
+        else:
+            order.setdefault(path, (1, 0.0))
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture
