@@ -4,8 +4,9 @@
     .venv/bin/python bench/pruning_study.py --dataset avazu --raw ../shared/data/avazu/train_8k.csv
 
 Every model is made with the project's own commands (`deeplight ingest`, `hash`, `train`, `prune`, `evaluate`),
-one process each, one torch thread; a seed sets both the 80/10/10 random split and training. Per seed, two dense
-models: the old defaults (batch 2048 whatever the data size) and the current ones (the small-data batch rule).
+one process each, one torch thread; a seed sets both the random split (80/10/10, or --split) and training. Per
+seed, two dense models: the old defaults (batch 2048 whatever the data size) and the current ones (the small-data
+batch rule).
 Then each variant prunes one of them and both are evaluated on test in the compact engine (AUC, logloss, ECE,
 batch-1 latency). Outputs go under --work and are reused when present (rerunning finishes a study); the summary
 (medians and ranges over seeds of pruned minus dense) is printed as Markdown and written to --out.
@@ -70,11 +71,13 @@ def evaluate(model: Path, hashed: Path, out: Path, dense: Path | None = None) ->
     return json.loads(out.read_text())
 
 
-def one_seed(dataset: str, raw: str, seed: int, work: Path, variants: list[str]) -> list[dict]:
+def one_seed(dataset: str, raw: str, seed: int, work: Path, variants: list[str],
+             split: str = "0.8,0.1,0.1") -> list[dict]:
     base = work / f"{dataset}-seed{seed}"
     ingested, hashed = base / "ingested", base / "hashed"
     if not (hashed / "manifest.json").exists():
-        deeplight("ingest", "--dataset", dataset, "--input", raw, "--out", str(ingested), "--seed", str(seed))
+        deeplight("ingest", "--dataset", dataset, "--input", raw, "--out", str(ingested), "--seed", str(seed),
+                  "--split", split)
         deeplight("hash", "--input", str(ingested), "--out", str(hashed))
     dense_dirs = {}
     for kind, extra in (("old", OLD), ("new", [])):
@@ -163,6 +166,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     ap.add_argument("--work", default=str(HERE / "out" / "pruning-study"))
+    ap.add_argument("--split", default="0.8,0.1,0.1", help="train,valid,test fractions; the random split keeps "
+                    "a row's split as long as its cuts do, so 0.7,0.2,0.1 has the same test rows as 0.8,0.1,0.1")
     ap.add_argument("--no-retime", action="store_true", help="keep each evaluation's own latency (separate runs)")
     ap.add_argument("--out", default=None, help="JSON rows + Markdown summary (default: WORK/<dataset>.json/.md)")
     a = ap.parse_args()
@@ -171,7 +176,7 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     variants = [v for v in a.variants.split(",") if v]
-    rows = [r for seed in a.seeds for r in one_seed(a.dataset, a.raw, seed, work, variants)]
+    rows = [r for seed in a.seeds for r in one_seed(a.dataset, a.raw, seed, work, variants, a.split)]
     if not a.no_retime:
         retime(rows, work)
     out = Path(a.out or work / a.dataset)
