@@ -524,6 +524,16 @@ def _skip_ws(body, i, end):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _past_colon(body, i, end):
+    """After a member name that ends before i: the index of its value past whitespace, ':' and whitespace, or -1
+    when no colon follows."""
+    i = _skip_ws(body, i, end)
+    if i >= end or body[i] != 58:
+        return -1
+    return _skip_ws(body, i + 1, end)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _plain_string_end(body, i, end):
     """Index just past a JSON string that starts at body[i] and holds no escape and no control byte, or -1."""
     if i >= end or body[i] != 34:
@@ -566,10 +576,9 @@ def _split_json_records(body, head, keys, spans):
     i = _skip_ws(body, i + 1, end)
     if not _same_bytes(body, i, end, head):
         return -1, 0
-    i = _skip_ws(body, i + len(head), end)
-    if i >= end or body[i] != 58:
+    i = _past_colon(body, i + len(head), end)
+    if i < 0:
         return -1, 0
-    i = _skip_ws(body, i + 1, end)
     if i >= end or body[i] != 91:
         return -1, 0
     i = _skip_ws(body, i + 1, end)
@@ -597,10 +606,9 @@ def _split_json_records(body, head, keys, spans):
                     if body[i + t] != body[a + t]:
                         return -1, 0
                 i += length
-            i = _skip_ws(body, i, end)
-            if i >= end or body[i] != 58:
+            i = _past_colon(body, i, end)
+            if i < 0:
                 return -1, 0
-            i = _skip_ws(body, i + 1, end)
             if i >= end or body[i] != 34 or v >= cap:
                 return -1, 0
             i += 1
@@ -674,10 +682,9 @@ def _split_v2_tensors(body, words, spans, tensors):
             7 if _same_bytes(body, i, end, words[7, :words[6, 7]]) and id_lo < 0 else -1
         if w < 0:
             return -1, 0, 0
-        i = _skip_ws(body, i + words[6, w], end)
-        if i >= end or body[i] != 58:
+        i = _past_colon(body, i + words[6, w], end)
+        if i < 0:
             return -1, 0, 0
-        i = _skip_ws(body, i + 1, end)
         if w == 7:  # "id": a plain string
             e = _plain_string_end(body, i, end)
             if e < 0:
@@ -700,10 +707,9 @@ def _split_v2_tensors(body, words, spans, tensors):
                             m = c
                     if m < 0:
                         return -1, 0, 0
-                    i = _skip_ws(body, i + words[6, m], end)
-                    if i >= end or body[i] != 58:
+                    i = _past_colon(body, i + words[6, m], end)
+                    if i < 0:
                         return -1, 0, 0
-                    i = _skip_ws(body, i + 1, end)
                     if m == 2:  # "name": a plain string
                         e = _plain_string_end(body, i, end)
                         if e < 0 or tensors[nt, 0] >= 0:
